@@ -1,0 +1,192 @@
+"""The `fleetctl` command line.
+
+Every command is a thin shell over the package: it parses flags, calls into
+`fleetctl.spec` (and later the planner and executor), and prints. Errors are
+mapped to exit codes in exactly one place, `EXIT_CODES`, used by `main`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from fleetctl import __version__
+from fleetctl.errors import FleetError, UsageError
+from fleetctl.spec import Fleet, load, load_var_file, parse_var
+from fleetctl.spec.diagnostics import SpecError
+from fleetctl.spec.schema import schema_text
+
+#: Exit codes by error class, most specific first. The only place they are decided.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (SpecError, 1),
+    (UsageError, 1),
+    (FleetError, 1),
+    (typer.TyperException, 1),  # click's usage errors (typer vendors click)
+)
+
+app = typer.Typer(
+    name="fleetctl",
+    help="Declarative orchestrator for fleets of sandboxes: describe a fleet in YAML, "
+    "keep it in git, and converge the live world to it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit codes: 0 success, 1 invalid spec, usage error or failure.",
+)
+
+
+class RenderFormat(StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fleetctl {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Declarative orchestrator for fleets of sandboxes."""
+
+
+SpecsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Spec files, or directories whose *.yaml files are all loaded.",
+        metavar="SPEC",
+        show_default=False,
+    ),
+]
+VarOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--var",
+        help="Set a template variable, NAME=VALUE (typed as YAML: 3 is a number). Repeatable; "
+        "wins over --var-file and the spec's vars:.",
+        metavar="NAME=VALUE",
+        show_default=False,
+    ),
+]
+VarFileOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--var-file",
+        help="A YAML file of template variables. Repeatable; later files win.",
+        metavar="FILE",
+        show_default=False,
+    ),
+]
+
+
+def load_fleets(
+    specs: Sequence[Path], var: Sequence[str] | None, var_file: Sequence[str] | None
+) -> list[Fleet]:
+    """Load specs with --var-file values, then --var values, layered over the spec's vars:."""
+    variables: dict[str, Any] = {}
+    for path in var_file or ():
+        variables.update(load_var_file(path))
+    variables.update(parse_var(item) for item in var or ())
+    return load([str(s) for s in specs], variables)
+
+
+@app.command(
+    epilog="Example: fleetctl validate specs/ --var shards=8",
+)
+def validate(specs: SpecsArg, var: VarOpt = None, var_file: VarFileOpt = None) -> None:
+    """Check spec files and report every problem with file:line:col and field path."""
+    for fleet in load_fleets(specs, var, var_file):
+        count = len(fleet.sandboxes)
+        noun = "sandbox" if count == 1 else "sandboxes"
+        typer.echo(f"{fleet.source}: fleet '{fleet.name}' is valid ({count} {noun})")
+
+
+@app.command(
+    epilog="Example: fleetctl render specs/eval.yaml --var shards=3 -o json",
+)
+def render(
+    specs: SpecsArg,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+    output: Annotated[
+        RenderFormat, typer.Option("--output", "-o", help="Output format.")
+    ] = RenderFormat.yaml,
+) -> None:
+    """Print the desired sandboxes after templating and replica expansion.
+
+    Secrets are shown by source (<secret:from_env:NAME>), never by value.
+    """
+    sandboxes = [
+        s.to_dict() for fleet in load_fleets(specs, var, var_file) for s in fleet.sandboxes
+    ]
+    if output is RenderFormat.json:
+        typer.echo(json.dumps(sandboxes, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(sandboxes, sort_keys=False, allow_unicode=True), nl=False)
+
+
+@app.command(epilog="Example: fleetctl apply specs/eval.yaml --var shards=8")
+def apply(specs: SpecsArg, var: VarOpt = None, var_file: VarFileOpt = None) -> None:
+    """Converge live sandboxes to the spec: create, replace and prune until live == spec."""
+    fleets = load_fleets(specs, var, var_file)
+    count = sum(len(f.sandboxes) for f in fleets)
+    raise FleetError(
+        f"the spec is valid ({count} sandboxes in {len(fleets)} fleet(s)), but this build of "
+        "fleetctl cannot apply it yet: applying needs the local sandbox server, which lands "
+        "in the next release. `fleetctl render` shows the sandboxes it would create."
+    )
+
+
+@app.command(epilog="Example: fleetctl schema > schemas/fleet.schema.json")
+def schema() -> None:
+    """Print the JSON Schema of fleet specs (for editors and CI)."""
+    typer.echo(schema_text(), nl=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code: errors become a message, never a traceback."""
+    try:
+        result = app(
+            args=list(argv) if argv is not None else None,
+            prog_name="fleetctl",
+            standalone_mode=False,
+        )
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        return 130
+    except typer.TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"Error: {exc}", err=True)
+        return _exit_code(exc)
+    except FleetError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        return _exit_code(exc)
+    return result if isinstance(result, int) else 0
+
+
+def _exit_code(exc: BaseException) -> int:
+    return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Replica expansion: a validated FleetSpec becomes the desired sandboxes, one per key.
+
+The result is plain frozen data the planner compares with live state. Nothing
+here reads a secret's value: secrets stay references until apply time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetctl.spec.models import (
+    SETTING_DEFAULTS,
+    Exposure,
+    FileSpec,
+    FleetSpec,
+    Job,
+    SandboxGroup,
+    SandboxSettings,
+    SecretRef,
+)
+
+#: Environment variable every sandbox gets: its replica index (0 for unreplicated groups).
+REPLICA_ENV = "FLEETCTL_REPLICA"
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredSandbox:
+    """One sandbox as the spec wants it. `key` is its identity within the fleet."""
+
+    fleet: str
+    key: str
+    group: str
+    replica: int
+    image: str
+    start_command: str | None
+    cpu_cores: float
+    memory_gb: float
+    disk_size_gb: int
+    timeout_minutes: int
+    network_access: bool
+    env: Mapping[str, str]
+    secrets: Mapping[str, SecretRef]
+    labels: tuple[str, ...]
+    files: tuple[FileSpec, ...]
+    expose: tuple[Exposure, ...]
+    jobs: tuple[Job, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A display form with secrets redacted to their source (`<secret:from_env:NAME>`)."""
+        return {
+            "fleet": self.fleet,
+            "key": self.key,
+            "group": self.group,
+            "replica": self.replica,
+            "image": self.image,
+            "start_command": self.start_command,
+            "cpu_cores": self.cpu_cores,
+            "memory_gb": self.memory_gb,
+            "disk_size_gb": self.disk_size_gb,
+            "timeout_minutes": self.timeout_minutes,
+            "network_access": self.network_access,
+            "env": dict(self.env),
+            "secrets": {name: ref.redacted() for name, ref in self.secrets.items()},
+            "labels": list(self.labels),
+            "files": [f.model_dump() for f in self.files],
+            "expose": [e.model_dump() for e in self.expose],
+            "jobs": [j.model_dump() for j in self.jobs],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """A loaded fleet: its name, the file it came from, and its desired sandboxes."""
+
+    name: str
+    source: str
+    labels: tuple[str, ...]
+    sandboxes: tuple[DesiredSandbox, ...]
+
+
+def merged(defaults: SandboxSettings, group: SandboxGroup) -> dict[str, Any]:
+    """A group's settings with `defaults:` filled in, then the built-in defaults.
+
+    Scalars: the group wins. env and secrets: merged per key, the group wins.
+    labels: defaults' then the group's. files, expose, jobs: the group's list
+    replaces the defaults' list when given.
+    """
+    out: dict[str, Any] = {}
+    for name in SandboxSettings.model_fields:
+        mine, theirs = getattr(group, name), getattr(defaults, name)
+        if name in ("env", "secrets"):
+            out[name] = {**(theirs or {}), **(mine or {})}
+        elif name == "labels":
+            out[name] = list(dict.fromkeys([*(theirs or []), *(mine or [])]))
+        elif mine is not None:
+            out[name] = mine
+        elif theirs is not None:
+            out[name] = theirs
+        else:
+            out[name] = SETTING_DEFAULTS.get(
+                name, [] if name in ("files", "expose", "jobs") else None
+            )
+    return out
+
+
+def group_keys(group: SandboxGroup) -> Iterator[tuple[int, str]]:
+    """(replica index, key) for each sandbox of a group: `name-i` with replicas, else `name`."""
+    if group.replicas is None:
+        yield 0, group.name
+        return
+    for index in range(group.replicas):
+        yield index, f"{group.name}-{index}"
+
+
+def expand(spec: FleetSpec, spec_file: Path) -> Fleet:
+    """Expand a validated spec into its desired sandboxes (file sources made absolute)."""
+    spec_dir = spec_file.parent
+    sandboxes: list[DesiredSandbox] = []
+    for group in spec.sandboxes:
+        settings = merged(spec.defaults, group)
+        files = tuple(
+            FileSpec(source=str((spec_dir / f.source).resolve()), target=f.target)
+            for f in settings["files"]
+        )
+        labels = tuple(dict.fromkeys([*spec.labels, *settings["labels"]]))
+        for replica, key in group_keys(group):
+            sandboxes.append(
+                DesiredSandbox(
+                    fleet=spec.name,
+                    key=key,
+                    group=group.name,
+                    replica=replica,
+                    image=settings["image"],
+                    start_command=settings["start_command"],
+                    cpu_cores=settings["cpu_cores"],
+                    memory_gb=settings["memory_gb"],
+                    disk_size_gb=settings["disk_size_gb"],
+                    timeout_minutes=settings["timeout_minutes"],
+                    network_access=settings["network_access"],
+                    env={**settings["env"], REPLICA_ENV: str(replica)},
+                    secrets=dict(settings["secrets"]),
+                    labels=labels,
+                    files=files,
+                    expose=tuple(settings["expose"]),
+                    jobs=tuple(settings["jobs"]),
+                )
+            )
+    return Fleet(spec.name, str(spec_file), tuple(spec.labels), tuple(sandboxes))
