@@ -19,6 +19,18 @@ import yaml
 
 from fleetctl import __version__
 from fleetctl.errors import FleetError, UsageError
+from fleetctl.server.daemon import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServerOptions,
+    default_data_dir,
+    running,
+    serve,
+    start_background,
+    stop,
+)
+from fleetctl.server.limits import parse_faults, parse_rate_limits
+from fleetctl.server.runtime.host import probe
 from fleetctl.spec import Fleet, load, load_var_file, parse_var
 from fleetctl.spec.diagnostics import SpecError
 from fleetctl.spec.schema import schema_text
@@ -157,6 +169,139 @@ def apply(specs: SpecsArg, var: VarOpt = None, var_file: VarFileOpt = None) -> N
 def schema() -> None:
     """Print the JSON Schema of fleet specs (for editors and CI)."""
     typer.echo(schema_text(), nl=False)
+
+
+server_app = typer.Typer(
+    help="Run the local sandbox server: real isolated sandboxes on this machine behind the "
+    "sandbox REST API. Without a subcommand it runs in the foreground (Ctrl-C stops it and "
+    "its sandboxes).",
+    no_args_is_help=False,
+    epilog="Example: fleetctl server --port 7431 --rate-limit create=10/s",
+)
+app.add_typer(server_app, name="server")
+
+HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")]
+PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on (0 picks a free one).")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where state, token, logs and sandboxes live "
+        "[default: $FLEETCTL_DATA_DIR, /var/lib/fleetctl for root, else ~/.local/share/fleetctl]",
+        show_default=False,
+    ),
+]
+
+
+class ImagePolicyChoice(StrEnum):
+    host = "host"
+    strict = "strict"
+
+
+ImagePolicyOpt = Annotated[
+    ImagePolicyChoice,
+    typer.Option(
+        "--image-policy",
+        help="host: an image with no local rootfs runs on the host's root filesystem (said in "
+        "its record and logs); strict: such an image fails with IMAGE_PULL_FAILED.",
+    ),
+]
+RateLimitOpt = Annotated[
+    str,
+    typer.Option(
+        "--rate-limit",
+        help="Token buckets per endpoint class and API key, answering 429 with Retry-After, "
+        "e.g. create=10/s,default=200/s. None by default.",
+    ),
+]
+FaultsOpt = Annotated[
+    str,
+    typer.Option(
+        "--faults",
+        help="Seeded fault injection for tests, e.g. "
+        "error=0.1,reset=0.05,latency=50ms..2s,kill_sandbox=0.01,seed=7. Off by default.",
+    ),
+]
+
+
+def _server_options(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    image_policy: ImagePolicyChoice,
+    rate_limit: str,
+    faults: str,
+) -> ServerOptions:
+    for parse, text in ((parse_rate_limits, rate_limit), (parse_faults, faults)):
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return ServerOptions(host, port, data_dir, image_policy.value, rate_limit, faults)
+
+
+@server_app.callback(invoke_without_command=True)
+def server(
+    ctx: typer.Context,
+    host: HostOpt = DEFAULT_HOST,
+    port: PortOpt = DEFAULT_PORT,
+    data_dir: DataDirOpt = None,
+    image_policy: ImagePolicyOpt = ImagePolicyChoice.host,
+    rate_limit: RateLimitOpt = "",
+    faults: FaultsOpt = "",
+) -> None:
+    """Run the local sandbox server in the foreground."""
+    if ctx.invoked_subcommand is None:
+        serve(_server_options(host, port, data_dir, image_policy, rate_limit, faults))
+
+
+@server_app.command("start", epilog="Example: fleetctl server start --port 7431")
+def server_start(
+    host: HostOpt = DEFAULT_HOST,
+    port: PortOpt = DEFAULT_PORT,
+    data_dir: DataDirOpt = None,
+    image_policy: ImagePolicyOpt = ImagePolicyChoice.host,
+    rate_limit: RateLimitOpt = "",
+    faults: FaultsOpt = "",
+) -> None:
+    """Start the server in the background (pid and log file in the data dir)."""
+    options = _server_options(host, port, data_dir, image_policy, rate_limit, faults)
+    info = start_background(options)
+    typer.echo(
+        f"fleetctl server running on {info.url} (pid {info.pid}, data dir {options.directory})"
+    )
+
+
+@server_app.command("stop", epilog="Example: fleetctl server stop")
+def server_stop(data_dir: DataDirOpt = None) -> None:
+    """Stop the background server; it stops and removes all of its sandboxes first."""
+    directory = data_dir or default_data_dir()
+    info = stop(directory)
+    typer.echo(f"stopped the server (pid {info.pid})" if info else "no server is running")
+
+
+@server_app.command("status", epilog="Example: fleetctl server status")
+def server_status(data_dir: DataDirOpt = None) -> None:
+    """Say whether the background server runs, where, and with which data dir."""
+    directory = data_dir or default_data_dir()
+    info = running(directory)
+    if info is None:
+        typer.echo(f"no server is running for {directory}")
+        raise typer.Exit(1)
+    typer.echo(f"running on {info.url} (pid {info.pid}, data dir {directory})")
+
+
+@app.command(epilog="Example: fleetctl doctor")
+def doctor() -> None:
+    """Report which isolation features this host offers and what the server refuses without them."""
+    report = probe()
+    for line in report.lines():
+        typer.echo(line)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    if not report.can_run:
+        raise typer.Exit(1)
+    typer.echo("ok: this host can run sandboxes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

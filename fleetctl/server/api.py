@@ -1,0 +1,212 @@
+"""Wire payloads of the sandbox API, exactly as Prime Intellect's SDK sends and parses them.
+
+Requests arrive in snake_case; sandbox and list responses go out in camelCase;
+gateway responses stay snake_case (see the prime-sandboxes 0.2.31 client).
+Secrets have no field in any response model, so no read can return them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+Status = Literal["PENDING", "PROVISIONING", "RUNNING", "TERMINATED", "ERROR", "TIMEOUT"]
+ErrorType = Literal[
+    "OOM_KILLED", "TIMEOUT", "IMAGE_PULL_FAILED", "SANDBOX_NOT_FOUND", "START_FAILED"
+]
+FINAL_STATUSES = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
+MAX_EXEC_TIMEOUT_S = 900
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+RESERVED_PORTS = frozenset({2222, 8080, 8081})
+
+
+class _Request(BaseModel):
+    # Unknown keys are ignored, not refused: newer SDKs send fields (gpu_type,
+    # region, advanced_configs...) this server has no use for.
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateSandbox(_Request):
+    name: str = Field(min_length=1, max_length=128)
+    docker_image: str = Field(min_length=1, max_length=512)
+    start_command: str | None = None
+    cpu_cores: float = Field(1.0, gt=0, le=64)
+    memory_gb: float = Field(2.0, gt=0, le=512)
+    disk_size_gb: float = Field(5.0, gt=0, le=1000)
+    gpu_count: int = Field(0, ge=0, le=0, description="The local server has no GPUs.")
+    vm: bool = False
+    network_access: bool = True
+    timeout_minutes: int = Field(60, ge=1, le=1440)
+    environment_vars: dict[str, str] | None = None
+    secrets: dict[str, str] | None = None
+    labels: list[str] = Field(default_factory=list, max_length=64)
+    idempotency_key: str | None = Field(None, max_length=256)
+
+    @field_validator("vm")
+    @classmethod
+    def _no_vm(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("VM sandboxes are not supported by the local server")
+        return value
+
+    @field_validator("environment_vars", "secrets")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, item in (value or {}).items():
+            if not name or "=" in name or "\0" in name or "\0" in item:
+                raise ValueError(f"invalid environment variable name {name!r}")
+        return value
+
+
+class BulkDelete(_Request):
+    sandbox_ids: list[str] | None = None
+    labels: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BulkDelete:
+        if (self.sandbox_ids is None) == (self.labels is None) or self.labels == []:
+            raise ValueError("give exactly one of sandbox_ids or labels (labels non-empty)")
+        return self
+
+
+class BatchStatus(_Request):
+    sandbox_ids: list[str] = Field(min_length=1, max_length=100)
+
+
+class ExposeRequest(_Request):
+    port: int = Field(ge=22, le=9000)
+    name: str | None = Field(None, max_length=63)
+    protocol: Literal["HTTP", "TCP"] = "HTTP"
+
+    @field_validator("port")
+    @classmethod
+    def _not_reserved(cls, port: int) -> int:
+        if port in RESERVED_PORTS:
+            raise ValueError(f"port {port} is reserved and cannot be exposed (8080, 2222, 8081)")
+        return port
+
+
+class ExecRequest(_Request):
+    command: str = Field(min_length=1)
+    working_dir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: int = Field(300, ge=1, le=MAX_EXEC_TIMEOUT_S)
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class Sandbox(_Camel):
+    id: str
+    name: str
+    docker_image: str
+    start_command: str | None
+    cpu_cores: float
+    memory_gb: float = Field(alias="memoryGB")
+    disk_size_gb: float = Field(alias="diskSizeGB")
+    disk_mount_path: str = "/workspace"
+    gpu_count: int = 0
+    vm: bool = False
+    network_access: bool
+    status: Status
+    timeout_minutes: int
+    termination_reason: str | None = None
+    environment_vars: dict[str, str] | None = None
+    labels: list[str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    terminated_at: datetime | None = None
+    exit_code: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    image_source: str | None = Field(
+        None, description="Where the root filesystem came from (an image rootfs, or the host's)."
+    )
+
+
+class SandboxList(_Camel):
+    sandboxes: list[Sandbox]
+    total: int
+    page: int
+    per_page: int
+    has_next: bool
+
+
+class ErrorContext(_Camel):
+    status: Status
+    error_type: str | None
+    error_message: str | None
+
+
+class BatchStatusItem(_Camel):
+    id: str
+    status: Status | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    error: str | None = None
+
+
+class BatchStatusResponse(_Camel):
+    sandboxes: list[BatchStatusItem]
+
+
+class BulkDeleteResponse(BaseModel):
+    succeeded: list[str]
+    failed: list[dict[str, str]]
+    message: str
+
+
+class GatewayAuth(BaseModel):
+    token: str
+    gateway_url: str
+    user_ns: str
+    job_id: str
+    expires_at: str
+    is_vm: bool = False
+
+
+class ExecResponse(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+
+
+class UploadResponse(BaseModel):
+    success: bool
+    path: str
+    size: int
+    timestamp: datetime
+
+
+class ReadFileResponse(BaseModel):
+    content: str
+    size: int
+    total_size: int
+    offset: int
+    truncated: bool
+
+
+class ExposedPort(BaseModel):
+    exposure_id: str
+    sandbox_id: str
+    port: int
+    name: str | None
+    url: str
+    tls_socket: str
+    protocol: str
+    external_port: int | None = None
+    external_endpoint: str | None = None
+    created_at: str
+
+
+class ExposedPortList(BaseModel):
+    exposures: list[ExposedPort]
+
+
+class Logs(BaseModel):
+    logs: str
