@@ -115,6 +115,7 @@ class Runtime:
         if not host.can_run or host.bwrap is None:
             raise RuntimeFailure("this host cannot run sandboxes: " + "; ".join(host.problems))
         self.host = host
+        _check_traversable(data_dir)
         self.root = data_dir / "sandboxes"
         self.meta = data_dir / "run"
         for path in (data_dir, self.root):
@@ -416,6 +417,18 @@ class Runtime:
                 _kill_group(process.pid)
                 return ExecResult(-1, bytes(out), bytes(err), timed_out=True)
             return ExecResult(process.returncode or 0, bytes(out), bytes(err))
+
+
+def _check_traversable(data_dir: Path) -> None:
+    """Sandbox uids must reach their directories under `data_dir`: every ancestor
+    needs the x bit for others (a data dir under /root or a 0700 temp dir fails)."""
+    for parent in data_dir.resolve().parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise RuntimeFailure(
+                f"the data dir {data_dir} is inside {parent}, which sandbox users cannot "
+                f"enter (mode {parent.stat().st_mode & 0o777:o}); use a data dir such as "
+                "/var/lib/fleetctl (--data-dir or FLEETCTL_DATA_DIR)"
+            )
 
 
 def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
