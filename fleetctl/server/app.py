@@ -226,7 +226,7 @@ def create_app(  # noqa: PLR0915 - one closure per route keeps routes next to th
         )
 
     @app.delete(f"{v1}/sandbox/{{sandbox_id}}/expose/{{exposure_id}}", dependencies=authed)
-    def unexpose(sandbox_id: str, exposure_id: str) -> dict[str, Any]:
+    async def unexpose(sandbox_id: str, exposure_id: str) -> dict[str, Any]:
         service.unexpose(sandbox_id, exposure_id)
         return {"success": True, "exposure_id": exposure_id}
 

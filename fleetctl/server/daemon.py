@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -206,22 +205,29 @@ def start_background(options: ServerOptions) -> ServerInfo:
         argv += ["--rate-limit", options.rate_limit]
     if options.faults:
         argv += ["--faults", options.faults]
-    with open(data_dir / "server.log", "ab") as log:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    # posix_spawn, not Popen: the server outlives this process, which must
+    # neither wait for it nor hold an object that warns when it is collected.
+    with open(data_dir / "server.log", "ab") as log, open(os.devnull, "rb") as null:
+        pid = os.posix_spawn(
+            sys.executable,
+            argv,
+            dict(os.environ),
+            setsid=True,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null.fileno(), 0),
+                (os.POSIX_SPAWN_DUP2, log.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, log.fileno(), 2),
+            ],
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         info = running(data_dir)
-        if info is not None and info.pid == process.pid:
+        if info is not None and info.pid == pid:
             return info
-        if process.poll() is not None:
-            raise ServerError(
-                f"the server exited at start (code {process.returncode}); "
-                f"see {data_dir / 'server.log'}"
-            )
+        if not _alive(pid):
+            raise ServerError(f"the server exited at start; see {data_dir / 'server.log'}")
         time.sleep(0.05)
-    process.terminate()
+    os.kill(pid, signal.SIGTERM)
     raise ServerError(
         f"the server did not answer within {START_TIMEOUT_S:.0f}s; see {data_dir / 'server.log'}"
     )
