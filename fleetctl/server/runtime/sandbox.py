@@ -399,7 +399,8 @@ class Runtime:
         stdin: bytes | None = None,
     ) -> ExecResult:
         """Run `command` with `sh -c` in `cwd`; past `timeout` its process group is killed."""
-        script = 'cd -- "$1" || exit 1; shift; exec /bin/sh -c "$1"'
+        # eval in the shell that changed directory: one exec fewer than `sh -c`
+        script = 'cd -- "$1" || exit 1; shift; eval "$1"'
         async with self.enter(handle, env, script, cwd, command) as process:
             out, err = bytearray(), bytearray()
             with anyio.move_on_after(timeout) as scope:
