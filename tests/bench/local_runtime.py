@@ -66,6 +66,10 @@ def sandbox_pids(data_dir: Path, sandbox_id: str) -> set[int]:
     return pids
 
 
+def p90(values: list[float]) -> float:
+    return sorted(values)[int(len(values) * 0.9)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sandboxes", type=int, default=50)
@@ -122,12 +126,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     create_p50, exec_p50, bare_p50 = (statistics.median(x) for x in (create_ms, exec_ms, bare_ms))
     print(f"sandboxes={args.sandboxes} commands={args.commands}")
-    print(
-        f"create→RUNNING ms: p50 {create_p50:.1f}, p90 {sorted(create_ms)[int(len(create_ms) * 0.9)]:.1f}"
-    )
-    print(
-        f"exec round trip ms: p50 {exec_p50:.1f}, p90 {sorted(exec_ms)[int(len(exec_ms) * 0.9)]:.1f}"
-    )
+    print(f"create→RUNNING ms: p50 {create_p50:.1f}, p90 {p90(create_ms):.1f}")
+    print(f"exec round trip ms: p50 {exec_p50:.1f}, p90 {p90(exec_ms):.1f}")
     print(f"bare subprocess.run ms: p50 {bare_p50:.2f}")
     print(
         f"create_p50_ms={create_p50:.1f} exec_p50_ms={exec_p50:.1f} "
