@@ -81,9 +81,13 @@ def _type_name(prop: dict[str, Any]) -> str:
 
 def cli_reference() -> str:
     """Markdown of every command: usage, summary, options and example."""
-    root = typer.main.get_command(app)
+    return "\n".join(_command_docs(typer.main.get_command(app), "fleetctl"))
+
+
+def _command_docs(group: Any, prefix: str) -> list[str]:
+    # `group` is a click command or group (typer vendors click; its types are private)
     parts: list[str] = []
-    for name, command in sorted(getattr(root, "commands", {}).items()):
+    for name, command in sorted(getattr(group, "commands", {}).items()):
         arguments = " ".join(
             f"{(p.metavar or p.name or '').upper()}..."
             if p.nargs == -1
@@ -91,9 +95,8 @@ def cli_reference() -> str:
             for p in command.params
             if p.param_type_name == "argument"
         )
-        summary = (command.help or "").strip()
-        usage = " ".join(filter(None, ["fleetctl", name, arguments]))
-        parts += [f"#### `{usage}`", "", summary, ""]
+        usage = " ".join(filter(None, [prefix, name, arguments]))
+        parts += [f"#### `{usage}`", "", (command.help or "").strip(), ""]
         options = [p for p in command.params if p.param_type_name == "option"]
         if options:
             parts += ["| option | description |", "|---|---|"]
@@ -103,7 +106,8 @@ def cli_reference() -> str:
             parts.append("")
         if command.epilog:
             parts += [command.epilog.strip(), ""]
-    return "\n".join(parts)
+        parts += _command_docs(command, f"{prefix} {name}")
+    return parts
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -111,13 +111,26 @@ def test_usage_errors_exit_one(
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["validate", "render", "schema", "apply"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "validate",
+        "render",
+        "schema",
+        "apply",
+        "doctor",
+        "server",
+        "server start",
+        "server stop",
+        "server status",
+    ],
+)
 def test_every_command_help_has_an_example(
     capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    code, out, _ = run(capsys, command, "--help")
+    code, out, _ = run(capsys, *command.split(), "--help")
     assert code == 0
-    assert f"Example: fleetctl {command}" in out
+    assert f"Example: fleetctl {command}" in " ".join(out.split())
 
 
 def test_apply_explains_that_it_needs_the_server(capsys: pytest.CaptureFixture[str]) -> None:
