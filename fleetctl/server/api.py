@@ -94,6 +94,11 @@ class ExecRequest(_Request):
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     timeout: int = Field(300, ge=1, le=MAX_EXEC_TIMEOUT_S)
+    user: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$",
+        description="Run as this user (name or uid, optionally :group), as `docker exec -u`.",
+    )
 
 
 class _Camel(BaseModel):

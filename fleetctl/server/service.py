@@ -40,6 +40,9 @@ TOKEN_TTL = timedelta(hours=1)
 DELETED_RETENTION = timedelta(hours=1)
 PIDS_LIMIT = 1024
 READ_FILE_MAX = 16 * 1024 * 1024
+ROOT_USERS = ("root", "0", "root:root", "0:0")
+#: File transfers resolve relative paths where exec runs by default.
+WORKDIR = "cd /workspace 2>/dev/null;"
 _IMAGE_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -349,6 +352,13 @@ class SandboxService:
 
     async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
         record, handle = self.running(sandbox_id)
+        if request.user not in (None, *ROOT_USERS):
+            # Each sandbox's user namespace maps one user (its root); running as another
+            # would need a uid range per sandbox. Refuse rather than silently run as root.
+            raise Refused(
+                f"cannot run as user {request.user!r}: sandboxes of this server have only "
+                "their root user"
+            )
         env = {**self._env.get(sandbox_id, {}), **request.env}
         result = await self.runtime.exec(
             handle,
@@ -371,7 +381,7 @@ class SandboxService:
     async def upload(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream `chunks` into the file `path` (parents created); returns the size written."""
         _, handle = self.running(sandbox_id)
-        script = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+        script = f'{WORKDIR} mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
         size = 0
         async with self.runtime.enter(handle, {}, script, path) as process:
             assert process.stdin is not None
@@ -392,7 +402,7 @@ class SandboxService:
     ) -> AsyncIterator[tuple[int, ByteReceiveStream]]:
         """Yield (size, byte stream) of a file in the sandbox; NotFound when missing."""
         _, handle = self.running(sandbox_id)
-        script = '[ -f "$1" ] || exit 44; wc -c < "$1"; exec cat -- "$1"'
+        script = f'{WORKDIR} [ -f "$1" ] || exit 44; wc -c < "$1"; exec cat -- "$1"'
         async with self.runtime.enter(handle, {}, script, path) as process:
             assert process.stdout is not None
             header = await _read_line(process.stdout)
@@ -409,7 +419,7 @@ class SandboxService:
         if length > READ_FILE_MAX or length < 0:
             raise Refused(f"length must be between 0 and {READ_FILE_MAX}")
         script = (
-            '[ -f "$1" ] || exit 44; s=$(wc -c < "$1"); o=$2; '
+            f'{WORKDIR} [ -f "$1" ] || exit 44; s=$(wc -c < "$1"); o=$2; '
             '[ "$o" -lt 0 ] && o=$((s + o)); [ "$o" -lt 0 ] && o=0; '
             'printf "%s %s\\n" "$s" "$o"; tail -c +$((o + 1)) -- "$1" | head -c "$3"'
         )

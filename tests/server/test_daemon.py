@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -123,3 +128,59 @@ def test_doctor_reports_isolation_features(capsys: pytest.CaptureFixture[str]) -
     assert "cgroups: v" in out
     assert "ok: this host can run sandboxes" in out
     assert os.geteuid() == 0 or "problem:" in out
+
+
+def test_a_killed_server_leaks_nothing_after_the_next_start(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    assert run(capsys, "server", "start", "--port", "0", "--data-dir", str(data_dir))[0] == 0
+    info = json.loads((data_dir / "server.json").read_text())
+    headers = {"Authorization": f"Bearer {(data_dir / 'token').read_text().strip()}"}
+    with httpx.Client(base_url=f"{info['url']}/api/v1", headers=headers) as api:
+        sandbox_id = api.post(
+            "/sandbox", json={"name": "orphan", "docker_image": "x", "memory_gb": 0.5}
+        ).json()["id"]
+        deadline = time.monotonic() + 30
+        while api.get(f"/sandbox/{sandbox_id}").json()["status"] != "RUNNING":
+            assert time.monotonic() < deadline
+        runtime = sqlite_runtime(data_dir, sandbox_id)
+    os.kill(info["pid"], signal.SIGKILL)
+    wait_gone(info["pid"])
+    assert process_alive(runtime["init_pid"]), "the sandbox should outlive a killed server"
+    assert run(capsys, "server", "start", "--port", "0", "--data-dir", str(data_dir))[0] == 0
+    try:
+        info = json.loads((data_dir / "server.json").read_text())
+        with httpx.Client(base_url=f"{info['url']}/api/v1", headers=headers) as api:
+            record = api.get(f"/sandbox/{sandbox_id}").json()
+        assert record["status"] == "TERMINATED"
+        assert "restarted" in record["terminationReason"]
+        assert not process_alive(runtime["init_pid"])
+        assert not (data_dir / "sandboxes" / sandbox_id).exists()
+        assert not any(Path(p).exists() for p in runtime["cgroup_paths"])
+    finally:
+        run(capsys, "server", "stop", "--data-dir", str(data_dir))
+
+
+def sqlite_runtime(data_dir: Path, sandbox_id: str) -> dict[str, Any]:
+    with sqlite3.connect(data_dir / "state.db") as db:
+        row = db.execute("SELECT runtime FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+    return dict(json.loads(row[0]))
+
+
+def process_alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (this container's init may not reap)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line[stat_line.rindex(")") + 2] not in "ZX"
+
+
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not process_alive(pid):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not exit"

@@ -139,17 +139,3 @@ def _enable_v2_controllers(parent: Path) -> None:
     wanted = " ".join(f"+{c}" for c in CONTROLLERS)
     for group in (CGROUP_ROOT, parent):
         (group / "cgroup.subtree_control").write_text(wanted)
-
-
-def leftover(version: int | None = None) -> list[Cgroup]:
-    """Sandbox cgroups present on the host, e.g. those a killed server left behind."""
-    version = version or cgroup_version()
-    if version == 2:
-        base = CGROUP_ROOT / "fleetctl"
-        names = [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
-    elif version == 1:
-        base = CGROUP_ROOT / "memory" / own_cgroup("memory").lstrip("/") / "fleetctl"
-        names = [p.name for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
-    else:
-        names = []
-    return [Cgroup.for_sandbox(n) for n in names]

@@ -321,12 +321,16 @@ class Runtime:
             _kill(handle.init_pid)
 
     def destroy(self, handle: Handle | None, sandbox_id: str) -> None:
-        """Kill everything of the sandbox and remove its cgroups and directories (blocking)."""
+        """Kill everything of the sandbox and remove its cgroups and directories (blocking).
+
+        Without a handle (a create interrupted before it was recorded) the sandbox's
+        cgroups are found by its id, so its processes die with them.
+        """
         if handle is not None:
             self.kill(handle)
-            cgroup = handle.cgroup
-            if cgroup is not None:
-                _until(cgroup.remove)
+        cgroup = handle.cgroup if handle else _existing_cgroup(sandbox_id)
+        if cgroup is not None:
+            _until(cgroup.remove)
         child = self._children.pop(sandbox_id, None)
         if child is not None:
             child.kill()
@@ -348,26 +352,19 @@ class Runtime:
 
     def _enter_argv(self, handle: Handle, script: str, *args: str) -> list[str]:
         argv = [
-            "nsenter",
-            "-t",
-            str(handle.init_pid),
-            "-a",
-            "-r",
-            "setpriv",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--no-new-privs",
-            "/bin/sh",
-            "-c",
-            script,
-            "sh",
-            *args,
-        ]
+            "nsenter", "-t", str(handle.init_pid), "-a", "-r",
+            "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            "/bin/sh", "-c", script, "sh", *args,
+        ]  # fmt: skip
         return _in_cgroup(handle.cgroup, argv)
 
     @asynccontextmanager
     async def enter(
-        self, handle: Handle, env: Mapping[str, str], script: str, *args: str
+        self,
+        handle: Handle,
+        env: Mapping[str, str],
+        script: str,
+        *args: str,
     ) -> AsyncIterator[Process]:
         """Run a shell script inside the sandbox as its root, capabilities dropped.
 
@@ -396,9 +393,9 @@ class Runtime:
         *,
         cwd: str,
         timeout: float,
-        stdin: bytes | None = None,
     ) -> ExecResult:
-        """Run `command` with `sh -c` in `cwd`; past `timeout` its process group is killed."""
+        """Run `command` in `cwd` as the sandbox's root; past `timeout` its process group
+        is killed."""
         # eval in the shell that changed directory: one exec fewer than `sh -c`
         script = 'cd -- "$1" || exit 1; shift; eval "$1"'
         async with self.enter(handle, env, script, cwd, command) as process:
@@ -410,14 +407,20 @@ class Runtime:
                     group.start_soon(_collect, process.stdout, out)
                     group.start_soon(_collect, process.stderr, err)
                     if process.stdin is not None:
-                        if stdin:
-                            await process.stdin.send(stdin)
                         await process.stdin.aclose()
                 await process.wait()
             if scope.cancelled_caught:
                 _kill_group(process.pid)
                 return ExecResult(-1, bytes(out), bytes(err), timed_out=True)
             return ExecResult(process.returncode or 0, bytes(out), bytes(err))
+
+
+def _existing_cgroup(sandbox_id: str) -> Cgroup | None:
+    try:
+        cgroup = Cgroup.for_sandbox(sandbox_id)
+    except OSError:
+        return None
+    return cgroup if any(p.exists() for p in cgroup.paths) else None
 
 
 def _check_traversable(data_dir: Path) -> None:

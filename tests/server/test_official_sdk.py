@@ -1,0 +1,307 @@
+"""The official `prime-sandboxes` SDK, unmodified, against the session's real server.
+
+Each test points the SDK at the server through its own environment variables and
+gives it a private HOME, because the SDK caches gateway tokens in
+~/.prime/sandbox_auth_cache.json keyed only by sandbox id. Everything a test
+creates is bulk-deleted through the raw API afterwards, even if the SDK failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from prime_sandboxes import (
+    APIClient,
+    APIError,
+    AsyncSandboxClient,
+    BackgroundJobStatus,
+    CommandTimeoutError,
+    CreateSandboxRequest,
+    Sandbox,
+    SandboxClient,
+    SandboxFileNotFoundError,
+    SandboxNotRunningError,
+    UnauthorizedError,
+)
+
+from tests.server.conftest import Server
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def prime_home(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Aim the SDK at the session's server with a HOME (and auth cache) of its own."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PRIME_API_BASE_URL", server.url)
+    monkeypatch.setenv("PRIME_API_KEY", server.token)
+    for name in ("PRIME_BASE_URL", "PRIME_TEAM_ID", "PRIME_USER_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+@pytest.fixture
+def made(api: httpx.Client) -> Iterator[list[str]]:
+    """Ids of sandboxes a test created; all deleted through the raw API afterwards."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        api.request("DELETE", "/sandbox", json={"sandbox_ids": ids})
+
+
+def request(**fields: Any) -> CreateSandboxRequest:
+    """A small sandbox request; keyword arguments override the defaults."""
+    return CreateSandboxRequest(
+        **{"name": "sdk", "docker_image": "python:3.11-slim", "memory_gb": 0.5, **fields}
+    )
+
+
+@dataclass
+class Prime:
+    """The sync SDK client, remembering every sandbox it creates."""
+
+    client: SandboxClient
+    made: list[str] = field(default_factory=list)
+
+    def create(self, **fields: Any) -> Sandbox:
+        sandbox = self.client.create(request(**fields))
+        self.made.append(sandbox.id)
+        return sandbox
+
+    def running(self, **fields: Any) -> Sandbox:
+        sandbox = self.create(**fields)
+        self.client.wait_for_creation(sandbox.id)
+        return sandbox
+
+    def raw(self, path: str) -> str:
+        """A control-plane GET through the SDK's own API client, as unparsed JSON text."""
+        return json.dumps(self.client.client.request("GET", path))
+
+
+@pytest.fixture
+def prime(prime_home: Path, made: list[str]) -> Iterator[Prime]:
+    api_client = APIClient()
+    try:
+        yield Prime(SandboxClient(api_client), made)
+    finally:
+        api_client.client.close()
+
+
+def poll(check: Callable[[], T | None], timeout: float = 30) -> T:
+    """Call `check` until it returns something other than None; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (result := check()) is None:
+        assert time.monotonic() < deadline, f"no result after {timeout}s"
+        time.sleep(0.05)
+    return result
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_create_passes_labels_env_and_secrets_and_never_reads_the_secret_back(
+    prime: Prime, prime_home: Path
+) -> None:
+    canary = f"sk-CANARY-sdk-{uuid.uuid4().hex}"
+    label = unique("t-sdk-create")
+    created = prime.create(
+        name="sdk-create",
+        labels=[label, "x"],
+        environment_vars={"A": "1"},
+        secrets={"TOKEN": canary},
+    )
+    assert created.status in ("PENDING", "PROVISIONING", "RUNNING")
+    assert (created.name, created.labels, created.memory_gb) == ("sdk-create", [label, "x"], 0.5)
+    assert created.environment_vars == {"A": "1"}
+    prime.client.wait_for_creation(created.id)
+    result = prime.client.execute_command(created.id, "echo $TOKEN $A")
+    assert (result.stdout, result.exit_code) == (f"{canary} 1\n", 0)
+    reads = [
+        created.model_dump_json(),
+        prime.client.get(created.id).model_dump_json(),
+        prime.client.list(labels=[label]).model_dump_json(),
+        prime.client.get_logs(created.id),
+        prime.raw(f"/sandbox/{created.id}"),
+        prime.raw("/sandbox"),
+        prime.raw(f"/sandbox/{created.id}/logs"),
+        (prime_home / ".prime" / "sandbox_auth_cache.json").read_text(),
+    ]
+    assert not [text for text in reads if canary in text]
+
+
+def test_wait_for_creation_returns_once_exec_works(prime: Prime) -> None:
+    created = prime.create(name="sdk-wait")
+    prime.client.wait_for_creation(created.id)
+    assert prime.client.get(created.id).status == "RUNNING"
+    assert prime.client.execute_command(created.id, "true", timeout=10).exit_code == 0
+
+
+def test_wait_for_creation_raises_when_the_main_process_exits(prime: Prime) -> None:
+    created = prime.create(name="sdk-exit", start_command="exit 3")
+    with pytest.raises(SandboxNotRunningError) as caught:
+        prime.client.wait_for_creation(created.id)
+    assert (caught.value.sandbox_id, caught.value.status) == (created.id, "TERMINATED")
+    assert prime.client.get(created.id).exit_code == 3
+
+
+def test_bulk_wait_for_creation_reports_ready_sandboxes_and_raises_on_failed_ones(
+    prime: Prime,
+) -> None:
+    ids = [prime.create(name=f"sdk-bw{i}").id for i in range(2)]
+    assert prime.client.bulk_wait_for_creation(ids) == dict.fromkeys(ids, "RUNNING")
+    failed = prime.create(name="sdk-bw-exit", start_command="exit 3")
+    with pytest.raises(RuntimeError, match=f"Sandboxes failed: .*{failed.id}.*TERMINATED"):
+        prime.client.bulk_wait_for_creation([ids[0], failed.id])
+
+
+def test_list_with_repeated_labels_returns_sandboxes_having_all_of_them(prime: Prime) -> None:
+    label = unique("t-sdk-list")
+    ids = [prime.create(name=f"sdk-l{i}", labels=[label, f"n{i % 2}"]).id for i in range(3)]
+    everything = prime.client.list(labels=[label])
+    assert sorted(s.id for s in everything.sandboxes) == sorted(ids)
+    assert everything.total == 3
+    both = prime.client.list(labels=[label, "n0"])
+    assert sorted(s.id for s in both.sandboxes) == sorted([ids[0], ids[2]])
+    assert all(set(s.labels) >= {label, "n0"} for s in both.sandboxes)
+    assert prime.client.list(labels=[label, "n0", "n1"]).sandboxes == []
+    first = prime.client.list(labels=[label], per_page=2)
+    assert (len(first.sandboxes), first.has_next, first.per_page) == (2, True, 2)
+
+
+def test_execute_command_reports_output_exit_code_working_dir_and_env(
+    prime: Prime, prime_home: Path
+) -> None:
+    sandbox = prime.running(name="sdk-exec", environment_vars={"BASE": "b"})
+    result = prime.client.execute_command(
+        sandbox.id,
+        "pwd; echo $BASE $EXTRA; echo oops >&2; exit 7",
+        working_dir="/tmp",
+        env={"EXTRA": "e"},
+    )
+    assert (result.stdout, result.stderr, result.exit_code) == ("/tmp\nb e\n", "oops\n", 7)
+    again = prime.client.execute_command(sandbox.id, "echo ${EXTRA:-unset}")
+    assert (again.stdout, again.exit_code) == ("unset\n", 0)
+    cache = json.loads((prime_home / ".prime" / "sandbox_auth_cache.json").read_text())
+    assert sandbox.id in cache
+
+
+def test_execute_command_as_another_user_is_refused_never_run_as_root(prime: Prime) -> None:
+    """The SDK sends `user` (docker exec -u semantics); sandboxes here map only their
+    root user, so another user is refused instead of silently running as root."""
+    sandbox = prime.running(name="sdk-user")
+    with pytest.raises(APIError, match="cannot run as user 'nobody'"):
+        prime.client.execute_command(sandbox.id, "id -un", user="nobody")
+    assert prime.client.execute_command(sandbox.id, "id -un", user="root").stdout == "root\n"
+
+
+def test_upload_then_download_round_trips_the_bytes(prime: Prime, tmp_path: Path) -> None:
+    sandbox = prime.running(name="sdk-files")
+    payload = os.urandom(1024 * 1024 + 17)
+    local = tmp_path / "up.bin"
+    local.write_bytes(payload)
+    uploaded = prime.client.upload_file(sandbox.id, "/workspace/deep/dir/up.bin", str(local))
+    assert (uploaded.success, uploaded.path, uploaded.size) == (
+        True,
+        "/workspace/deep/dir/up.bin",
+        len(payload),
+    )
+    back = tmp_path / "back" / "down.bin"
+    prime.client.download_file(sandbox.id, "/workspace/deep/dir/up.bin", str(back))
+    assert back.read_bytes() == payload
+    size = prime.client.execute_command(sandbox.id, "stat -c %s /workspace/deep/dir/up.bin")
+    assert size.stdout == f"{len(payload)}\n"
+
+
+def test_get_logs_returns_the_main_process_output(prime: Prime) -> None:
+    marker = unique("hello-from-sdk")
+    sandbox = prime.running(name="sdk-logs", start_command=f"echo {marker}; exec sleep 600")
+
+    def logged() -> str | None:
+        logs = prime.client.get_logs(sandbox.id)
+        return logs if marker in logs else None
+
+    assert marker in poll(logged)
+
+
+def test_background_job_completes_with_exit_code_and_output(prime: Prime) -> None:
+    sandbox = prime.running(name="sdk-job")
+    job = prime.client.start_background_job(
+        sandbox.id,
+        "sleep 1; pwd; echo $K; echo err >&2; exit 4",
+        working_dir="/tmp",
+        env={"K": "v 1"},
+    )
+    assert job.sandbox_id == sandbox.id
+    assert not prime.client.get_background_job(sandbox.id, job).completed
+
+    def finished() -> BackgroundJobStatus | None:
+        status = prime.client.get_background_job(sandbox.id, job)
+        return status if status.completed else None
+
+    status = poll(finished)
+    assert (status.exit_code, status.stdout, status.stderr) == (4, "/tmp\nv 1\n", "err\n")
+    assert (status.stdout_truncated, status.stderr_truncated) == (False, False)
+
+
+def test_bulk_delete_by_labels_and_by_ids_reports_succeeded_and_failed(prime: Prime) -> None:
+    label = unique("t-sdk-bulk")
+    a = prime.create(name="sdk-b1", labels=[label, "y"])
+    b = prime.create(name="sdk-b2", labels=[label])
+    c = prime.create(name="sdk-b3", labels=[label, "y"])
+    by_labels = prime.client.bulk_delete(labels=[label, "y"])
+    assert sorted(by_labels.succeeded) == sorted([a.id, c.id])
+    assert by_labels.failed == []
+    assert prime.client.get(b.id).status != "TERMINATED"
+    missing = unique("sbx-missing")
+    by_ids = prime.client.bulk_delete(sandbox_ids=[b.id, missing])
+    assert by_ids.succeeded == [b.id]
+    assert [entry["sandbox_id"] for entry in by_ids.failed] == [missing]
+    assert {prime.client.get(s.id).status for s in (a, b, c)} == {"TERMINATED"}
+    active = prime.client.list(labels=[label], exclude_terminated=True)
+    assert active.sandboxes == []
+
+
+def test_failures_surface_as_the_sdk_exceptions(prime: Prime) -> None:
+    sandbox = prime.running(name="sdk-errors")
+    with pytest.raises(CommandTimeoutError, match="timed out after 1s"):
+        prime.client.execute_command(sandbox.id, "sleep 30", timeout=1)
+    with pytest.raises(SandboxFileNotFoundError):
+        prime.client.read_file(sandbox.id, "/workspace/none")
+    with pytest.raises(APIError, match="HTTP 404"):
+        prime.client.get(unique("sbx-missing"))
+    stranger = APIClient(api_key="wrong")
+    try:
+        with pytest.raises(UnauthorizedError):
+            SandboxClient(stranger).list()
+    finally:
+        stranger.client.close()
+    prime.client.delete(sandbox.id)
+    with pytest.raises(SandboxNotRunningError) as caught:
+        prime.client.execute_command(sandbox.id, "true")
+    assert caught.value.status == "TERMINATED"
+
+
+@pytest.mark.anyio
+async def test_async_client_creates_waits_executes_and_deletes(
+    prime_home: Path, made: list[str]
+) -> None:
+    async with AsyncSandboxClient() as client:
+        created = await client.create(request(name="sdk-async", environment_vars={"A": "a"}))
+        made.append(created.id)
+        await client.wait_for_creation(created.id)
+        result = await client.execute_command(created.id, "echo $A $B", env={"B": "b"})
+        assert (result.stdout, result.stderr, result.exit_code) == ("a b\n", "", 0)
+        await client.delete(created.id)
+        assert (await client.get(created.id)).status == "TERMINATED"
