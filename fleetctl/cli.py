@@ -224,6 +224,17 @@ FaultsOpt = Annotated[
 ]
 
 
+TimeoutScaleOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout-scale",
+        min=0.0001,
+        help="Multiply every sandbox lifetime (timeout_minutes) by this; for tests, e.g. "
+        "0.01 makes a 1-minute timeout last 0.6 s.",
+    ),
+]
+
+
 def _server_options(
     host: str,
     port: int,
@@ -231,13 +242,16 @@ def _server_options(
     image_policy: ImagePolicyChoice,
     rate_limit: str,
     faults: str,
+    timeout_scale: float = 1.0,
 ) -> ServerOptions:
     for parse, text in ((parse_rate_limits, rate_limit), (parse_faults, faults)):
         try:
             parse(text)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    return ServerOptions(host, port, data_dir, image_policy.value, rate_limit, faults)
+    return ServerOptions(
+        host, port, data_dir, image_policy.value, rate_limit, faults, timeout_scale
+    )
 
 
 @server_app.callback(invoke_without_command=True)
@@ -249,10 +263,13 @@ def server(
     image_policy: ImagePolicyOpt = ImagePolicyChoice.host,
     rate_limit: RateLimitOpt = "",
     faults: FaultsOpt = "",
+    timeout_scale: TimeoutScaleOpt = 1.0,
 ) -> None:
     """Run the local sandbox server in the foreground."""
     if ctx.invoked_subcommand is None:
-        serve(_server_options(host, port, data_dir, image_policy, rate_limit, faults))
+        serve(
+            _server_options(host, port, data_dir, image_policy, rate_limit, faults, timeout_scale)
+        )
 
 
 @server_app.command("start", epilog="Example: fleetctl server start --port 7431")
@@ -263,9 +280,10 @@ def server_start(
     image_policy: ImagePolicyOpt = ImagePolicyChoice.host,
     rate_limit: RateLimitOpt = "",
     faults: FaultsOpt = "",
+    timeout_scale: TimeoutScaleOpt = 1.0,
 ) -> None:
     """Start the server in the background (pid and log file in the data dir)."""
-    options = _server_options(host, port, data_dir, image_policy, rate_limit, faults)
+    options = _server_options(host, port, data_dir, image_policy, rate_limit, faults, timeout_scale)
     info = start_background(options)
     typer.echo(
         f"fleetctl server running on {info.url} (pid {info.pid}, data dir {options.directory})"

@@ -1,10 +1,203 @@
-"""Fixtures shared by every test package."""
+"""Fixtures shared by every test package: a real local server with real sandboxes.
+
+The session's server runs as a subprocess on a free loopback port with its own
+data dir; tests create sandboxes through `sandboxes` (deleted after each test)
+and poll with deadlines, never sleeps. At the end the server is stopped and
+the host is checked for anything it left behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
 import pytest
+
+from fleetctl.server.runtime.host import probe
 
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+needs_sandboxes = pytest.mark.skipif(
+    not probe().can_run, reason="this host cannot run sandboxes (see fleetctl doctor)"
+)
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    token: str
+    data_dir: Path
+    pid: int
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.url}/api/v1",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=60,
+            **kwargs,
+        )
+
+
+def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[bytes]]:
+    """Start `fleetctl server` on a free port; return once it answers /health."""
+    with open(data_dir.parent / f"{data_dir.name}.log", "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleetctl",
+                "server",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "FLEETCTL_SERVER_TOKEN": ""},
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (data_dir.parent / f"{data_dir.name}.log").read_text()
+        try:
+            info = json.loads((data_dir / "server.json").read_text())
+            token = (data_dir / "token").read_text().strip()
+            if httpx.get(f"{info['url']}/api/v1/health", timeout=2).status_code == 200:
+                return Server(info["url"], token, data_dir, process.pid), process
+        except (OSError, ValueError, KeyError, httpx.HTTPError):
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("server did not start within 30s")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not probe().can_run:
+        pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
+    with traversable_dir() as base:
+        data_dir = base / "data"
+        info, process = start_server(data_dir)
+        try:
+            yield info
+        finally:
+            stop_server(process)
+        assert not list((data_dir / "sandboxes").glob("*")), "server stop left sandbox dirs"
+
+
+@contextlib.contextmanager
+def traversable_dir() -> Iterator[Path]:
+    """A temp dir sandbox uids can traverse (pytest's own base is 0700), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="fleetctl-test-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client
+
+
+Create = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def sandboxes(api: httpx.Client) -> Iterator[Create]:
+    """Create sandboxes (POST body fields as keyword arguments); all deleted after the test."""
+    made: list[str] = []
+
+    def create(**fields: Any) -> dict[str, Any]:
+        body = {"name": "test", "docker_image": "python:3.11-slim", "memory_gb": 0.5, **fields}
+        response = api.post("/sandbox", json=body)
+        assert response.status_code == 200, response.text
+        made.append(response.json()["id"])
+        return dict(response.json())
+
+    yield create
+    if made:
+        api.request("DELETE", "/sandbox", json={"sandbox_ids": made})
+
+
+def wait_for(
+    api: httpx.Client, sandbox_id: str, *statuses: str, timeout: float = 30
+) -> dict[str, Any]:
+    """Poll until the sandbox has one of `statuses`; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = dict(api.get(f"/sandbox/{sandbox_id}").json())
+        if record["status"] in statuses:
+            return record
+        assert record["status"] not in ("TERMINATED", "ERROR", "TIMEOUT"), record
+        assert time.monotonic() < deadline, f"still {record['status']} after {timeout}s: {record}"
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The data plane of one sandbox, authenticated with its gateway token."""
+
+    client: httpx.Client
+
+    def exec(self, command: str, **fields: Any) -> httpx.Response:
+        return self.client.post("exec", json={"command": command, **fields})
+
+
+Connect = Callable[[str], Gateway]
+Running = Callable[..., tuple[dict[str, Any], Gateway]]
+
+
+@pytest.fixture
+def gateway(api: httpx.Client) -> Iterator[Connect]:
+    """Open the data plane of a sandbox by id (clients closed after the test)."""
+    opened: list[httpx.Client] = []
+
+    def connect(sandbox_id: str) -> Gateway:
+        auth = api.post(f"/sandbox/{sandbox_id}/auth").json()
+        base = f"{auth['gateway_url']}/{auth['user_ns']}/{auth['job_id']}/"
+        opened.append(
+            httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {auth['token']}"}, timeout=120
+            )
+        )
+        return Gateway(opened[-1])
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def running(api: httpx.Client, sandboxes: Create, gateway: Connect) -> Running:
+    """Create a sandbox, wait until RUNNING, and open its data plane."""
+
+    def start(**fields: Any) -> tuple[dict[str, Any], Gateway]:
+        record = sandboxes(**fields)
+        return wait_for(api, record["id"], "RUNNING"), gateway(record["id"])
+
+    return start

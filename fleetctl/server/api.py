@@ -7,6 +7,7 @@ Secrets have no field in any response model, so no read can return them.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
@@ -21,6 +22,19 @@ FINAL_STATUSES = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
 MAX_EXEC_TIMEOUT_S = 900
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 RESERVED_PORTS = frozenset({2222, 8080, 8081})
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_env(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Environment names must be identifiers, values free of NUL bytes."""
+    for name, item in (value or {}).items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        if "\0" in item:
+            raise ValueError(f"the value of {name} contains a NUL byte")
+    return value
 
 
 class _Request(BaseModel):
@@ -55,10 +69,7 @@ class CreateSandbox(_Request):
     @field_validator("environment_vars", "secrets")
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for name, item in (value or {}).items():
-            if not name or "=" in name or "\0" in name or "\0" in item:
-                raise ValueError(f"invalid environment variable name {name!r}")
-        return value
+        return check_env(value)
 
 
 class BulkDelete(_Request):
@@ -93,6 +104,12 @@ class ExecRequest(_Request):
     command: str = Field(min_length=1)
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value) or {}
+
     timeout: int = Field(300, ge=1, le=MAX_EXEC_TIMEOUT_S)
     user: str | None = Field(
         None,

@@ -49,6 +49,7 @@ class ServerOptions:
     image_policy: ImagePolicy = "host"
     rate_limit: str = ""
     faults: str = ""
+    timeout_scale: float = 1.0
 
     @property
     def directory(self) -> Path:
@@ -118,9 +119,12 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
         except RuntimeFailure as exc:
             raise ServerError(f"{exc} (`fleetctl doctor` explains)") from None
         store = Store(data_dir / "state.db")
-        service = SandboxService(
-            store, runtime, Settings(data_dir=data_dir, image_policy=options.image_policy)
+        settings = Settings(
+            data_dir=data_dir,
+            image_policy=options.image_policy,
+            timeout_scale=options.timeout_scale,
         )
+        service = SandboxService(store, runtime, settings)
         try:
             app = create_app(
                 service, api_token(data_dir), rate_limits=options.rate_limit, faults=options.faults
@@ -209,6 +213,8 @@ def start_background(options: ServerOptions) -> ServerInfo:
         argv += ["--rate-limit", options.rate_limit]
     if options.faults:
         argv += ["--faults", options.faults]
+    if options.timeout_scale != 1.0:
+        argv += ["--timeout-scale", str(options.timeout_scale)]
     # posix_spawn, not Popen: the server outlives this process, which must
     # neither wait for it nor hold an object that warns when it is collected.
     with open(data_dir / "server.log", "ab") as log, open(os.devnull, "rb") as null:

@@ -67,6 +67,8 @@ class Settings:
     data_dir: Path
     image_policy: ImagePolicy = "host"
     clock: Clock = utcnow
+    #: Multiplies every sandbox lifetime; tests use e.g. 0.01 (a 1-minute timeout lasts 0.6 s).
+    timeout_scale: float = 1.0
 
 
 class SandboxService:
@@ -294,7 +296,7 @@ class SandboxService:
             if handle is None:
                 continue
             deadline = (record.started_at or record.created_at) + timedelta(
-                minutes=int(record.request["timeout_minutes"])
+                minutes=int(record.request["timeout_minutes"]) * self.settings.timeout_scale
             )
             if self.runtime.oom_kills(handle):
                 await self._finish(
@@ -383,7 +385,7 @@ class SandboxService:
         _, handle = self.running(sandbox_id)
         script = f'{WORKDIR} mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
         size = 0
-        async with self.runtime.enter(handle, {}, script, path) as process:
+        async with self.runtime.enter(handle, script, path) as process:
             assert process.stdin is not None
             assert process.stderr is not None
             async for chunk in chunks:
@@ -403,7 +405,7 @@ class SandboxService:
         """Yield (size, byte stream) of a file in the sandbox; NotFound when missing."""
         _, handle = self.running(sandbox_id)
         script = f'{WORKDIR} [ -f "$1" ] || exit 44; wc -c < "$1"; exec cat -- "$1"'
-        async with self.runtime.enter(handle, {}, script, path) as process:
+        async with self.runtime.enter(handle, script, path) as process:
             assert process.stdout is not None
             header = await _read_line(process.stdout)
             if not header.strip().isdigit():
@@ -423,7 +425,7 @@ class SandboxService:
             '[ "$o" -lt 0 ] && o=$((s + o)); [ "$o" -lt 0 ] && o=0; '
             'printf "%s %s\\n" "$s" "$o"; tail -c +$((o + 1)) -- "$1" | head -c "$3"'
         )
-        async with self.runtime.enter(handle, {}, script, path, str(offset), str(length)) as proc:
+        async with self.runtime.enter(handle, script, path, str(offset), str(length)) as proc:
             assert proc.stdout is not None
             data = bytearray()
             async for chunk in proc.stdout:
@@ -432,7 +434,10 @@ class SandboxService:
         if code == MISSING_FILE:
             raise NotFound(f"file {path} not found in sandbox {sandbox_id}")
         header, _, content = bytes(data).partition(b"\n")
-        total, start = (int(x) for x in header.split())
+        fields = header.split()
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):  # e.g. unreadable
+            raise Refused(f"cannot read {path} in sandbox {sandbox_id}")
+        total, start = int(fields[0]), int(fields[1])
         return api.ReadFileResponse(
             content=content.decode("utf-8", "replace"),
             size=len(content),

@@ -99,6 +99,10 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        # 0600 before SQLite opens it: its -wal and -shm files take the same mode,
+        # and environment variables are stored here
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

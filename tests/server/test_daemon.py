@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from fleetctl.cli import main
-from tests.server.conftest import needs_sandboxes, traversable_dir
+from tests.conftest import needs_sandboxes, traversable_dir
 
 pytestmark = needs_sandboxes
 

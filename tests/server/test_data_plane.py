@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import Running
+from tests.conftest import Running
 
 
 def test_exec_working_dir_env_exit_code_and_stderr(running: Running) -> None:

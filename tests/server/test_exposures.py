@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import Running
+from tests.conftest import Running
 
 HTTP_SERVER = "python3 -m http.server 8000 --bind 127.0.0.1 --directory /workspace"
 ECHO_SERVER = (

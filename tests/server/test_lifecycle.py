@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.server.conftest import Connect, Create, Running, Server, wait_for
+from tests.conftest import Connect, Create, Running, Server, wait_for
 
 
 def test_create_runs_and_reports_camel_case_without_secrets(

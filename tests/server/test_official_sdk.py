@@ -33,7 +33,7 @@ from prime_sandboxes import (
     UnauthorizedError,
 )
 
-from tests.server.conftest import Server
+from tests.conftest import Server
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ from fleetctl.server.runtime.host import probe
 from fleetctl.server.runtime.sandbox import Runtime
 from fleetctl.server.service import NotRunning, SandboxService, Settings
 from fleetctl.server.store import Store, utcnow
-from tests.server.conftest import needs_sandboxes, traversable_dir
+from tests.conftest import needs_sandboxes, traversable_dir
 
 pytestmark = [pytest.mark.anyio, needs_sandboxes]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,9 @@ from fleetctl.server.runtime.cgroups import Cgroup, Limits
 from fleetctl.server.runtime.host import HostReport
 
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The whole environment of every host-side process (shim, setpriv, bwrap, nsenter):
+#: nothing a caller chooses may steer a tool that runs as host root.
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 #: Host uids for sandboxes start here; each sandbox gets its own (base + seq).
 UID_BASE = 1_000_000_000
 UID_SPAN = 100_000_000
@@ -167,6 +171,7 @@ class Runtime:
             cgroup.create(spec.limits)
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        args_r, args_w = os.pipe()
         log = open(meta / "main.log", "ab")  # noqa: SIM115 - handed to the child
         status = os.open(meta / "status.json", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         command = spec.start_command or IDLE_COMMAND
@@ -175,7 +180,7 @@ class Runtime:
         # stdin because dash cannot name descriptors above 9.
         script = 'printf R >&0; exec </dev/null; exec /bin/sh -c "$0"'
         argv = [
-            "setpriv",
+            self.host_tool("setpriv"),
             f"--reuid={uid}",
             f"--regid={uid}",
             "--clear-groups",
@@ -185,6 +190,8 @@ class Runtime:
             "--gid",
             "0",
             *self._bwrap_args(spec, home),
+            "--args",
+            str(args_r),
             "--info-fd",
             str(info_w),
             "--json-status-fd",
@@ -197,15 +204,20 @@ class Runtime:
         try:
             child = subprocess.Popen(
                 _in_cgroup(cgroup, argv),
-                env=_sandbox_env(spec.env),
+                env=HOST_ENV,
                 stdin=ready_w,
                 stdout=log,
                 stderr=log,
-                pass_fds=(info_w, status),
+                pass_fds=(info_w, status, args_r),
                 start_new_session=True,
             )
+            # The sandbox's environment (secrets included) reaches bwrap as
+            # --setenv pairs through a pipe: never in a host process's argv or
+            # initial environment, where `ps` or a PATH/LD_PRELOAD could use it.
+            with os.fdopen(args_w, "wb") as pairs:
+                pairs.write(_setenv_args(_sandbox_env(spec.env)))
         finally:
-            for fd in (info_w, ready_w, status):
+            for fd in (info_w, ready_w, status, args_r):
                 os.close(fd)
             log.close()
         with os.fdopen(info_r, "rb") as info_file, os.fdopen(ready_r, "rb") as ready_file:
@@ -230,25 +242,27 @@ class Runtime:
         )
 
     def _prepare(self, spec: LaunchSpec, uid: int) -> Path:
+        """Make the sandbox's layers. Only /workspace, the work dirs and the /usr/local
+        tree belong to the sandbox: /etc and the rest of /usr stay root's, so a sandbox
+        cannot plant an ld.so cache or preload that tools entering it would load."""
         home = self.sandbox_dir(spec.id)
         home.mkdir(mode=0o700)
-        made = [home]
-        for layer in ("upper", "work"):
-            for name in HOST_LOWERS:
-                made.append(home / layer / name)
-                made[-1].mkdir(parents=True)
+        owned = [home, home / "work", home / "workspace"]
+        for name in HOST_LOWERS:
+            (home / "upper" / name).mkdir(parents=True)
+            owned.append(home / "work" / name)
         for name in WRITABLE_DIRS:
-            made.append(home / "upper" / name)
-            made[-1].mkdir(parents=True, exist_ok=True)
-        made += [home / "upper", home / "work", home / "upper" / "usr" / "local" / "lib"]
-        made.append(home / "workspace")
-        made[-1].mkdir()
-        for path in dict.fromkeys(made):
+            (home / "upper" / name).mkdir(parents=True, exist_ok=True)
+            owned.append(home / "upper" / name)
+        for path in owned:
+            path.mkdir(parents=True, exist_ok=True)
             os.lchown(path, uid, uid)
         return home
 
     def _bwrap_args(self, spec: LaunchSpec, home: Path) -> list[str]:
-        args = ["--unshare-all", "--cap-drop", "ALL", "--new-session", "--hostname", spec.id[:63]]
+        # --disable-userns: no nested user namespace in which to regain capabilities
+        args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+                "--new-session", "--clearenv", "--hostname", spec.id[:63]]  # fmt: skip
         if spec.network:
             args.append("--share-net")
         lower_root = spec.rootfs or Path("/")
@@ -350,30 +364,32 @@ class Runtime:
         """Sandboxes with a directory here, e.g. left behind by a killed server."""
         return {p.name for p in self.root.iterdir()} | {p.name for p in self.meta.iterdir()}
 
+    def host_tool(self, name: str) -> str:
+        """Absolute path of a host tool (never looked up through a caller's PATH)."""
+        path = {"nsenter": self.host.nsenter, "setpriv": self.host.setpriv}[name]
+        assert path is not None, "probe() guarantees both when can_run"
+        return path
+
     def _enter_argv(self, handle: Handle, script: str, *args: str) -> list[str]:
+        # setpriv runs inside (after nsenter -r), from the read-only /usr lower layer
         argv = [
-            "nsenter", "-t", str(handle.init_pid), "-a", "-r",
-            "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            self.host_tool("nsenter"), "-t", str(handle.init_pid), "-a", "-r",
+            "/usr/bin/setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
             "/bin/sh", "-c", script, "sh", *args,
         ]  # fmt: skip
         return _in_cgroup(handle.cgroup, argv)
 
     @asynccontextmanager
-    async def enter(
-        self,
-        handle: Handle,
-        env: Mapping[str, str],
-        script: str,
-        *args: str,
-    ) -> AsyncIterator[Process]:
+    async def enter(self, handle: Handle, script: str, *args: str) -> AsyncIterator[Process]:
         """Run a shell script inside the sandbox as its root, capabilities dropped.
 
-        The process leads its own process group, which is killed on exit from the
-        block if still running (timeouts, cancelled requests).
+        Host-side processes get a fixed environment; the script sees only the base
+        sandbox environment. The process leads its own process group, which is
+        killed on exit from the block if still running (timeouts, cancelled requests).
         """
         process = await anyio.open_process(
             self._enter_argv(handle, script, *args),
-            env=_sandbox_env(env),
+            env=HOST_ENV,
             start_new_session=True,
             extra_groups=[],  # no host supplementary groups (gid 0) inside
         )
@@ -396,9 +412,11 @@ class Runtime:
     ) -> ExecResult:
         """Run `command` in `cwd` as the sandbox's root; past `timeout` its process group
         is killed."""
-        # eval in the shell that changed directory: one exec fewer than `sh -c`
-        script = 'cd -- "$1" || exit 1; shift; eval "$1"'
-        async with self.enter(handle, env, script, cwd, command) as process:
+        # The environment arrives on stdin as `export` lines, evaluated inside after
+        # capabilities are dropped; then eval in the shell that changed directory
+        # (one exec fewer than `sh -c`).
+        script = 'eval "$(cat)"; cd -- "$1" || exit 1; shift; eval "$1"'
+        async with self.enter(handle, script, cwd, command) as process:
             out, err = bytearray(), bytearray()
             with anyio.move_on_after(timeout) as scope:
                 async with anyio.create_task_group() as group:
@@ -407,6 +425,7 @@ class Runtime:
                     group.start_soon(_collect, process.stdout, out)
                     group.start_soon(_collect, process.stderr, err)
                     if process.stdin is not None:
+                        await process.stdin.send(_exports(_sandbox_env(env)))
                         await process.stdin.aclose()
                 await process.wait()
             if scope.cancelled_caught:
@@ -437,6 +456,18 @@ def _check_traversable(data_dir: Path) -> None:
 
 def _sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
     return {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", **extra}
+
+
+def _setenv_args(env: Mapping[str, str]) -> bytes:
+    """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples."""
+    return b"".join(
+        b"\0".join([b"--setenv", k.encode(), v.encode()]) + b"\0" for k, v in env.items()
+    )
+
+
+def _exports(env: Mapping[str, str]) -> bytes:
+    """Shell `export` lines for an environment, quoted so no value is ever evaluated."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
 
 
 def _in_cgroup(cgroup: Cgroup | None, argv: list[str]) -> list[str]:

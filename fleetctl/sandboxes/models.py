@@ -1,0 +1,129 @@
+"""Request and response models of the sandbox API (snake_case in Python, camelCase on the wire)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class SandboxStatus(StrEnum):
+    PENDING = "PENDING"
+    PROVISIONING = "PROVISIONING"
+    RUNNING = "RUNNING"
+    TERMINATED = "TERMINATED"
+    ERROR = "ERROR"
+    TIMEOUT = "TIMEOUT"
+
+
+FINAL_STATUSES = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
+
+
+class CreateSandboxRequest(BaseModel):
+    """What to create. `secrets` are injected as environment variables and never read back."""
+
+    name: str
+    docker_image: str
+    start_command: str | None = "tail -f /dev/null"
+    cpu_cores: float = 1.0
+    memory_gb: float = 2.0
+    disk_size_gb: float = 5.0
+    network_access: bool = True
+    timeout_minutes: int = 60
+    environment_vars: dict[str, str] | None = None
+    secrets: dict[str, str] | None = Field(default=None, repr=False)
+    labels: list[str] = Field(default_factory=list)
+    idempotency_key: str | None = None
+    team_id: str | None = None
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Sandbox(_Wire):
+    id: str
+    name: str
+    docker_image: str
+    start_command: str | None = None
+    cpu_cores: float
+    memory_gb: float = Field(alias="memoryGB")
+    disk_size_gb: float = Field(alias="diskSizeGB")
+    network_access: bool = True
+    status: str
+    timeout_minutes: int
+    environment_vars: dict[str, Any] | None = None
+    labels: list[str] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    terminated_at: datetime | None = None
+    exit_code: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    termination_reason: str | None = None
+
+
+class SandboxListResponse(_Wire):
+    sandboxes: list[Sandbox]
+    total: int
+    page: int
+    per_page: int
+    has_next: bool
+
+
+class CommandResponse(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+
+
+class FileUploadResponse(BaseModel):
+    success: bool
+    path: str
+    size: int
+    timestamp: datetime | None = None
+
+
+class BulkDeleteSandboxResponse(BaseModel):
+    succeeded: list[str]
+    failed: list[dict[str, str]]
+    message: str = ""
+
+
+class ExposedPort(BaseModel):
+    exposure_id: str
+    sandbox_id: str
+    port: int
+    name: str | None = None
+    url: str
+    tls_socket: str | None = None
+    protocol: str | None = None
+    external_port: int | None = None
+    external_endpoint: str | None = None
+    created_at: str | None = None
+
+
+class ListExposedPortsResponse(BaseModel):
+    exposures: list[ExposedPort]
+
+
+class BackgroundJob(BaseModel):
+    """A detached command; its output and exit code live in files inside the sandbox."""
+
+    job_id: str
+    sandbox_id: str
+    stdout_log_file: str
+    stderr_log_file: str
+    exit_file: str
+
+
+class BackgroundJobStatus(BaseModel):
+    job_id: str
+    completed: bool
+    exit_code: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
