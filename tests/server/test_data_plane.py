@@ -121,3 +121,14 @@ def test_data_plane_refuses_a_sandbox_that_is_not_running(
         gw.client.post("upload", params={"path": "/x"}, files={"file": b"x"}),
     ):
         assert response.status_code == 409, response.text
+
+
+def test_env_values_are_data_never_code(running: Running) -> None:
+    """Values with quotes, $(...) and newlines arrive verbatim and are never evaluated."""
+    _, gw = running(environment_vars={"BASE": "it's $(touch /tmp/base-ran)"})
+    tricky = "a 'b' \"c\" $(touch /tmp/ran) `touch /tmp/ran2` \\ $HOME"
+    for env in ({"X": tricky}, {"X": tricky + "\nsecond line"}):
+        body = gw.exec('printf "%s|%s" "$X" "$BASE"; ls /tmp', env=env).json()
+        assert body["stdout"] == f"{env['X']}|it's $(touch /tmp/base-ran)", body
+    assert gw.exec("ls /tmp").json()["stdout"] == ""
+    assert gw.exec("true", env={"BAD NAME": "x"}).status_code == 422

@@ -415,7 +415,14 @@ class Runtime:
         # The environment arrives on stdin as `export` lines, evaluated inside after
         # capabilities are dropped; then eval in the shell that changed directory
         # (one exec fewer than `sh -c`).
-        script = 'eval "$(cat)"; cd -- "$1" || exit 1; shift; eval "$1"'
+        full_env = _sandbox_env(env)
+        # `read` is a shell builtin (no fork); a value with a newline needs `cat`
+        load = (
+            'eval "$(cat)"'
+            if any("\n" in v for v in full_env.values())
+            else 'while IFS= read -r l; do eval "$l"; done'
+        )
+        script = f'{load}; cd -- "$1" || exit 1; shift; eval "$1"'
         async with self.enter(handle, script, cwd, command) as process:
             out, err = bytearray(), bytearray()
             with anyio.move_on_after(timeout) as scope:
@@ -425,7 +432,7 @@ class Runtime:
                     group.start_soon(_collect, process.stdout, out)
                     group.start_soon(_collect, process.stderr, err)
                     if process.stdin is not None:
-                        await process.stdin.send(_exports(_sandbox_env(env)))
+                        await process.stdin.send(_exports(full_env))
                         await process.stdin.aclose()
                 await process.wait()
             if scope.cancelled_caught:
