@@ -238,32 +238,47 @@ class Operations:
     def upload_file(
         self, sandbox_id: str, file_path: str, local_file_path: str, timeout: float = 300
     ) -> Op[FileUploadResponse]:
-        response = yield from self._gateway_call(
+        response = yield from self._transfer(
             sandbox_id,
             "POST",
             "upload",
-            params={"path": file_path, "sandbox_id": sandbox_id},
+            file_path,
+            timeout,
+            errors.UploadTimeoutError,
             upload_from=local_file_path,
-            timeout=timeout,
         )
-        if response.status_code == 408:
-            raise errors.UploadTimeoutError(sandbox_id, file_path, timeout)
-        return _model(FileUploadResponse, _ok(response))
+        return _model(FileUploadResponse, response)
 
     def download_file(
         self, sandbox_id: str, file_path: str, local_file_path: str, timeout: float = 300
     ) -> Op[None]:
-        response = yield from self._gateway_call(
+        yield from self._transfer(
             sandbox_id,
             "GET",
             "download",
-            params={"path": file_path, "sandbox_id": sandbox_id},
+            file_path,
+            timeout,
+            errors.DownloadTimeoutError,
             download_to=local_file_path,
-            timeout=timeout,
+        )
+
+    def _transfer(
+        self,
+        sandbox_id: str,
+        method: str,
+        operation: str,
+        file_path: str,
+        timeout: float,
+        timeout_error: type[errors.UploadTimeoutError | errors.DownloadTimeoutError],
+        **fields: Any,
+    ) -> Op[httpx.Response]:
+        params = {"path": file_path, "sandbox_id": sandbox_id}
+        response = yield from self._gateway_call(
+            sandbox_id, method, operation, params=params, timeout=timeout, **fields
         )
         if response.status_code == 408:
-            raise errors.DownloadTimeoutError(sandbox_id, file_path, timeout)
-        _ok(response)
+            raise timeout_error(sandbox_id, file_path, timeout)
+        return _ok(response)
 
     def read_file(
         self,

@@ -366,24 +366,15 @@ def exposure_view(exposure: ExposureRecord, request: Request) -> api.ExposedPort
 def _errors(app: FastAPI) -> None:
     """Map service errors to status codes; validation errors never echo their input."""
 
-    def detail(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status)
+    statuses: dict[type[Exception], int] = {
+        Unauthorized: 401, NotFound: 404, NotRunning: 409, Refused: 400,
+    }  # fmt: skip
 
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        return detail(401, str(exc))
+    async def detail(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=statuses[type(exc)])
 
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return detail(404, str(exc))
-
-    @app.exception_handler(NotRunning)
-    async def _not_running(_: Request, exc: NotRunning) -> JSONResponse:
-        return detail(409, str(exc))
-
-    @app.exception_handler(Refused)
-    async def _refused(_: Request, exc: Refused) -> JSONResponse:
-        return detail(400, str(exc))
+    for kind in statuses:
+        app.add_exception_handler(kind, detail)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
