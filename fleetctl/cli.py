@@ -8,17 +8,28 @@ mapped to exit codes in exactly one place, `EXIT_CODES`, used by `main`.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from fleetctl import __version__
 from fleetctl.errors import FleetError, UsageError
+from fleetctl.sandboxes import (
+    APIError,
+    CommandTimeoutError,
+    Sandbox,
+    SandboxClient,
+    SandboxNotRunningError,
+)
 from fleetctl.server.daemon import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -40,6 +51,9 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (SpecError, 1),
     (UsageError, 1),
     (FleetError, 1),
+    (APIError, 1),
+    (SandboxNotRunningError, 1),
+    (CommandTimeoutError, 1),
     (typer.TyperException, 1),  # click's usage errors (typer vendors click)
 )
 
@@ -309,6 +323,90 @@ def server_status(data_dir: DataDirOpt = None) -> None:
     typer.echo(f"running on {info.url} (pid {info.pid}, data dir {directory})")
 
 
+class GetFormat(StrEnum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+@app.command(epilog="Example: fleetctl get -l team-research -o json")
+def get(
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", "-l", help="Only sandboxes with this label (repeatable: all must match)."
+        ),
+    ] = None,
+    output: Annotated[GetFormat, typer.Option("--output", "-o", help="Output format.")] = (
+        GetFormat.table
+    ),
+) -> None:
+    """List sandboxes, newest first (starts the local server on first use)."""
+    with SandboxClient() as client:
+        sandboxes = list_all(client, label or [])
+    rows = [s.model_dump(mode="json", by_alias=False) for s in sandboxes]
+    if output is GetFormat.json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif output is GetFormat.yaml:
+        typer.echo(yaml.safe_dump(rows, sort_keys=False), nl=False)
+    else:
+        table = Table("ID", "NAME", "STATUS", "AGE", "LABELS", box=None, header_style="bold")
+        now = datetime.now(UTC)
+        for sandbox in sandboxes:
+            table.add_row(
+                sandbox.id,
+                sandbox.name,
+                sandbox.status,
+                _age(now - sandbox.created_at),
+                ",".join(sandbox.labels),
+            )
+        Console().print(table)
+
+
+def list_all(client: SandboxClient, labels: Sequence[str]) -> list[Sandbox]:
+    """Every sandbox with all `labels`, following pagination."""
+    found: list[Sandbox] = []
+    page = 1
+    while True:
+        batch = client.list(labels=list(labels), page=page, per_page=100)
+        found += batch.sandboxes
+        if not batch.has_next:
+            return found
+        page += 1
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+@app.command(epilog="Example: fleetctl logs 3f9c2a1b8e7d6c5b4a39")
+def logs(sandbox: Annotated[str, typer.Argument(help="Sandbox id.")]) -> None:
+    """Print the output of a sandbox's start command."""
+    with SandboxClient() as client:
+        typer.echo(client.get_logs(sandbox), nl=False)
+
+
+@app.command(
+    "exec",
+    epilog="Example: fleetctl exec 3f9c2a1b8e7d6c5b4a39 -- python3 -c 'print(42)'",
+)
+def exec_command(
+    sandbox: Annotated[str, typer.Argument(help="Sandbox id.")],
+    command: Annotated[list[str], typer.Argument(help="Command and its arguments, after --.")],
+    timeout: Annotated[int, typer.Option("--timeout", min=1, max=900, help="Seconds.")] = 300,
+) -> None:
+    """Run a command in a sandbox; its output is printed and its exit code is fleetctl's."""
+    with SandboxClient() as client:
+        result = client.execute_command(sandbox, shlex.join(command), timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    raise typer.Exit(result.exit_code)
+
+
 @app.command(epilog="Example: fleetctl doctor")
 def doctor() -> None:
     """Report which isolation features this host offers and what the server refuses without them."""
@@ -340,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             typer.echo(f"Error: {exc}", err=True)
         return _exit_code(exc)
-    except FleetError as exc:
+    except (FleetError, APIError, SandboxNotRunningError, CommandTimeoutError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         return _exit_code(exc)
     return result if isinstance(result, int) else 0
