@@ -16,15 +16,22 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from fleetctl import __version__
+from fleetctl.apply import live
+from fleetctl.apply.executor import Options, Result
+from fleetctl.apply.run import Prepared, apply_plan, make_plan, prepare
 from fleetctl.errors import FleetError, UsageError
+from fleetctl.plan.model import Action, Plan
+from fleetctl.plan.planner import Limits
 from fleetctl.sandboxes import (
     APIError,
+    AsyncSandboxClient,
     CommandTimeoutError,
     Sandbox,
     SandboxClient,
@@ -65,7 +72,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    epilog="Exit codes: 0 success, 1 invalid spec, usage error or failure.",
+    epilog="Exit codes: 0 success (plan --detailed-exitcode: no changes), 1 error (invalid "
+    "spec, usage, API), 2 changes present (plan --detailed-exitcode), 3 partial failure "
+    "(apply: some sandboxes failed, the rest converged).",
 )
 
 
@@ -167,16 +176,205 @@ def render(
         typer.echo(yaml.safe_dump(sandboxes, sort_keys=False, allow_unicode=True), nl=False)
 
 
-@app.command(epilog="Example: fleetctl apply specs/eval.yaml --var shards=8")
-def apply(specs: SpecsArg, var: VarOpt = None, var_file: VarFileOpt = None) -> None:
-    """Converge live sandboxes to the spec: create, replace and prune until live == spec."""
+class PlanFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+MaxDeleteOpt = Annotated[
+    float,
+    typer.Option("--max-delete", min=0.0, max=1.0,
+                 help="Refuse a plan that prunes more than this fraction of running sandboxes."),
+]  # fmt: skip
+MassDeleteOpt = Annotated[
+    bool,
+    typer.Option("--allow-mass-delete", help="Allow a plan that prunes past --max-delete, or all."),
+]
+
+
+async def _plan(
+    client: AsyncSandboxClient,
+    specs: Sequence[Path],
+    var: Sequence[str] | None,
+    var_file: Sequence[str] | None,
+    limits: Limits,
+) -> tuple[Prepared, Plan]:
     fleets = load_fleets(specs, var, var_file)
-    count = sum(len(f.sandboxes) for f in fleets)
-    raise FleetError(
-        f"the spec is valid ({count} sandboxes in {len(fleets)} fleet(s)), but this build of "
-        "fleetctl cannot apply it yet: applying needs the local sandbox server, which lands "
-        "in the next release. `fleetctl render` shows the sandboxes it would create."
-    )
+    prepared = prepare(fleets, client.api.endpoint.api_key)
+    return prepared, await make_plan(client, prepared, limits)
+
+
+def _show_plan(the_plan: Plan, output: PlanFormat) -> None:
+    if output is PlanFormat.json:
+        typer.echo(json.dumps({
+            "version": the_plan.version, "fleets": list(the_plan.fleets),
+            "live_fingerprint": the_plan.live_fingerprint, "refused": list(the_plan.refused),
+            "summary": the_plan.summary(),
+            "changes": [c.to_dict() for c in the_plan.changes],
+        }, indent=2))  # fmt: skip
+        return
+    for change in the_plan.changes:
+        if change.action is not Action.noop:
+            fleet = (
+                change.after.fleet if change.after else change.before.fleet if change.before else ""
+            )
+            typer.echo(f"  {change.action.symbol} {fleet}/{change.key:<24} {change.reason}")
+    typer.echo(the_plan.summary())
+
+
+@app.command(epilog="Example: fleetctl plan specs/eval.yaml --var shards=8 --detailed-exitcode")
+def plan(
+    specs: SpecsArg,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+    output: Annotated[PlanFormat, typer.Option("--output", "-o", help="Output format.")] = (
+        PlanFormat.text
+    ),
+    detailed_exitcode: Annotated[
+        bool,
+        typer.Option("--detailed-exitcode", help="Exit 2 when there are changes, 0 when none."),
+    ] = False,
+    max_delete: MaxDeleteOpt = 0.5,
+    allow_mass_delete: MassDeleteOpt = False,
+) -> None:
+    """Show what apply would change: + create, ± replace, ↻ recreate, - delete."""
+
+    async def run() -> Plan:
+        async with AsyncSandboxClient() as client:
+            limits = Limits(max_delete, allow_mass_delete)
+            return (await _plan(client, specs, var, var_file, limits))[1]
+
+    the_plan = anyio.run(run)
+    _show_plan(the_plan, output)
+    if detailed_exitcode and the_plan.has_changes:
+        raise typer.Exit(2)
+
+
+@app.command(epilog="Example: fleetctl apply specs/eval.yaml --yes --wait-jobs")
+def apply(
+    specs: SpecsArg,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    parallelism: Annotated[
+        int, typer.Option("--parallelism", min=1, max=1024, help="Concurrent API calls.")
+    ] = 32,
+    wait_jobs: Annotated[
+        bool,
+        typer.Option(
+            "--wait-jobs",
+            help="Wait for jobs, then download their artifacts to ./artifacts/<fleet>/<sandbox>/.",
+        ),
+    ] = False,
+    output: Annotated[
+        PlanFormat, typer.Option("--output", "-o", help="text, or json: one NDJSON event a line.")
+    ] = PlanFormat.text,
+    max_delete: MaxDeleteOpt = 0.5,
+    allow_mass_delete: MassDeleteOpt = False,
+) -> None:
+    """Converge live sandboxes to the spec: create, replace and prune until live == spec.
+
+    Exit codes: 0 converged, 1 error, 3 partial failure (some sandboxes failed).
+    """
+
+    def emit(event: dict[str, Any]) -> None:
+        if output is PlanFormat.json:
+            typer.echo(json.dumps(event))
+        else:
+            details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "key"))
+            typer.echo(f"{event['event']:>12} {event.get('key', '')} {details}".rstrip())
+
+    async def run() -> bool:
+        async with AsyncSandboxClient() as client:
+            limits = Limits(max_delete, allow_mass_delete)
+            prepared, the_plan = await _plan(client, specs, var, var_file, limits)
+            if output is PlanFormat.text:
+                _show_plan(the_plan, output)
+            if the_plan.refused:
+                raise UsageError(
+                    "refusing to apply: "
+                    + "; ".join(the_plan.refused)
+                    + " (pass --allow-mass-delete if that is what you want)"
+                )
+            if not the_plan.has_changes:
+                return True
+            _confirm(yes, "apply these changes?")
+            options = Options(parallelism=parallelism, wait_jobs=wait_jobs)
+            result = await apply_plan(client, prepared, the_plan, options, emit)
+            _summarise(result, client.api.stats, output)
+            return result.ok
+
+    if not anyio.run(run):
+        raise typer.Exit(3)
+
+
+def _summarise(result: Result, stats: dict[str, int], output: PlanFormat) -> None:
+    if output is PlanFormat.json:
+        typer.echo(json.dumps({
+            "event": "summary", "changed": len(result.done), "failed": len(result.failed),
+            "seconds": round(result.elapsed, 2), **stats,
+        }))  # fmt: skip
+        return
+    typer.echo(f"Applied: {len(result.done)} changed, {len(result.failed)} failed in "
+               f"{result.elapsed:.1f}s ({stats['requests']} requests, {stats['retries']} "
+               f"retries, {stats['throttled']} throttled).")  # fmt: skip
+    for key, error in result.failed.items():
+        typer.echo(f"failed: {key}: {error}", err=True)
+
+
+@app.command(epilog="Example: fleetctl destroy -l team-research --yes")
+def destroy(
+    specs: Annotated[
+        list[Path] | None, typer.Argument(help="Spec files: destroy their fleets.", metavar="SPEC")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label", "-l", help="Destroy sandboxes with this label (repeatable: all must match)."
+        ),
+    ] = None,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Destroy without asking.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+) -> None:
+    """Delete a fleet's sandboxes (by spec), or every sandbox with all the given labels."""
+    if not specs and not label:
+        raise UsageError("destroy needs SPEC files or at least one -l LABEL")
+    fleets = load_fleets(specs or [], var, var_file) if specs else []
+    labels_wanted = list(label or [])
+
+    async def targets(client: AsyncSandboxClient) -> list[tuple[str, str]]:
+        if fleets:
+            found = await live.owned(client, [f.name for f in fleets])
+            return [(s.id, f"{s.fleet}/{s.key}") for s in found
+                    if all(x in s.labels for x in labels_wanted)]  # fmt: skip
+        return [(s.id, s.name) for s in await live.list_all(client, labels_wanted)]
+
+    async def run() -> None:
+        async with AsyncSandboxClient() as client:
+            doomed = await targets(client)
+            for sandbox_id, name in doomed:
+                typer.echo(f"  - {name} ({sandbox_id})")
+            typer.echo(f"Destroy: {len(doomed)} sandbox(es).")
+            if dry_run or not doomed:
+                return
+            _confirm(yes, "destroy these sandboxes?")
+            result = await client.bulk_delete(sandbox_ids=[i for i, _ in doomed])
+            typer.echo(f"Destroyed {len(result.succeeded)}; {len(result.failed)} failed.")
+            if result.failed:
+                raise typer.Exit(3)
+
+    anyio.run(run)
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to confirm on: pass --yes to proceed")
+    if not typer.confirm(question):
+        raise typer.Abort
 
 
 @app.command(epilog="Example: fleetctl schema > schemas/fleet.schema.json")

@@ -97,8 +97,13 @@ def _local(api_key: str | None) -> Endpoint:
     if info is None:
         try:
             info = daemon.start_background(daemon.ServerOptions(data_dir=data_dir))
-        except daemon.ServerError as exc:
-            raise APIError(f"cannot start the local sandbox server: {exc}") from None
+        except daemon.ServerError:
+            # the default port may be taken (another data dir's server): any free one
+            # will do, since clients find the server through the data dir
+            try:
+                info = daemon.start_background(daemon.ServerOptions(data_dir=data_dir, port=0))
+            except daemon.ServerError as exc:
+                raise APIError(f"cannot start the local sandbox server: {exc}") from None
         print(
             f"fleetctl: started the local sandbox server on {info.url} (data dir {data_dir})",
             file=sys.stderr,

@@ -267,7 +267,11 @@ class SandboxService:
         record = self.store.get(sandbox_id)
         if record is None:
             return
-        changes: dict[str, object] = {"deleted_at": self.clock()} if deleted else {}
+        # A deleted sandbox releases its idempotency key: a later create with the same
+        # key (say, applying a fleet again after destroying it) means a new sandbox.
+        changes: dict[str, object] = (
+            {"deleted_at": self.clock(), "idempotency_key": None} if deleted else {}
+        )
         if record.status not in api.FINAL_STATUSES:
             changes.update(
                 status=status,

@@ -131,10 +131,3 @@ def test_every_command_help_has_an_example(
     code, out, _ = run(capsys, *command.split(), "--help")
     assert code == 0
     assert f"Example: fleetctl {command}" in " ".join(out.split())
-
-
-def test_apply_explains_that_it_needs_the_server(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "apply", str(SPECS / "eval.yaml"))
-    assert code == 1
-    assert "spec is valid (4 sandboxes in 1 fleet(s))" in err
-    assert "needs the local sandbox server" in err

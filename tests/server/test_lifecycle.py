@@ -180,3 +180,13 @@ def test_openapi_document_is_served(server: Server) -> None:
         document = anonymous.get(f"{server.url}/openapi.json").json()
     assert "/api/v1/sandbox" in document["paths"]
     assert "/gw/{user_ns}/{job_id}/exec" in document["paths"]
+
+
+def test_deleting_a_sandbox_releases_its_idempotency_key(
+    api: httpx.Client, sandboxes: Create
+) -> None:
+    first = sandboxes(name="idem-del", idempotency_key="key-released-on-delete")
+    api.delete(f"/sandbox/{first['id']}")
+    again = sandboxes(name="idem-del", idempotency_key="key-released-on-delete")
+    assert again["id"] != first["id"]
+    assert again["status"] in ("PENDING", "PROVISIONING", "RUNNING")

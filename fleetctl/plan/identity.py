@@ -1,0 +1,74 @@
+"""How fleetctl recognises its own sandboxes: labels are the state.
+
+Every managed sandbox carries the user's labels plus three of fleetctl's:
+`fleetctl.fleet=<fleet>`, `fleetctl.key=<key>` and `fleetctl.digest=<digest>`,
+the digest covering every field that cannot change in place. Secrets enter the
+digest only through an HMAC keyed by a value the labels' readers cannot see,
+so a rotation is detected while the value stays unguessable from the label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping, Sequence
+
+from fleetctl.spec.expand import DesiredSandbox
+
+PREFIX = "fleetctl."
+FLEET_LABEL = PREFIX + "fleet="
+KEY_LABEL = PREFIX + "key="
+DIGEST_LABEL = PREFIX + "digest="
+
+
+def fleet_label(fleet: str) -> str:
+    return FLEET_LABEL + fleet
+
+
+def digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: bytes) -> str:
+    """A short digest of the fields that need a new sandbox when they change."""
+    keyed = {
+        name: hmac.new(secret_key, value.encode(), hashlib.sha256).hexdigest()
+        for name, value in sorted(secrets.items())
+    }
+    immutable = {
+        "image": sandbox.image,
+        "start_command": sandbox.start_command,
+        "cpu_cores": sandbox.cpu_cores,
+        "memory_gb": sandbox.memory_gb,
+        "disk_size_gb": sandbox.disk_size_gb,
+        "timeout_minutes": sandbox.timeout_minutes,
+        "network_access": sandbox.network_access,
+        "env": dict(sorted(sandbox.env.items())),
+        "secrets": keyed,
+        "labels": list(sandbox.labels),
+    }
+    blob = json.dumps(immutable, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def labels(sandbox: DesiredSandbox, sandbox_digest: str) -> list[str]:
+    """The labels a created sandbox carries: the user's, then fleetctl's own."""
+    own = [fleet_label(sandbox.fleet), KEY_LABEL + sandbox.key, DIGEST_LABEL + sandbox_digest]
+    return [*sandbox.labels, *own]
+
+
+def parse(sandbox_labels: Sequence[str]) -> tuple[str, str, str] | None:
+    """(fleet, key, digest) from a sandbox's labels, or None if fleetctl does not own it."""
+    found = {}
+    for label in sandbox_labels:
+        for name, prefix in (("fleet", FLEET_LABEL), ("key", KEY_LABEL), ("digest", DIGEST_LABEL)):
+            if label.startswith(prefix):
+                found[name] = label[len(prefix) :]
+    if len(found) != 3:
+        return None
+    return found["fleet"], found["key"], found["digest"]
+
+
+def idempotency_key(fleet: str, key: str, sandbox_digest: str, replacing: str | None) -> str:
+    """The same for every apply that would make the same sandbox: a killed and re-run
+    apply, or two at once, get the one sandbox back. `replacing` (the id of a dead or
+    outdated sandbox) makes a recreate a new sandbox, not the dead one again."""
+    material = f"{fleet}\0{key}\0{sandbox_digest}\0{replacing or '-'}"
+    return "fleetctl-" + hashlib.sha256(material.encode()).hexdigest()[:40]
