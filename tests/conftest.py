@@ -104,6 +104,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             yield info
         finally:
             stop_server(process)
+            log = (base / "data.log").read_text()
+            if "Traceback" in log:  # shown with the session's output, kept for diagnosis
+                print(f"server log of the session:\n{log}")
         assert not list((data_dir / "sandboxes").glob("*")), "server stop left sandbox dirs"
 
 

@@ -24,12 +24,16 @@ from fleetctl.sandboxes.models import (
     FINAL_STATUSES,
     BackgroundJob,
     BackgroundJobStatus,
+    BatchStatus,
     BulkDeleteSandboxResponse,
     CommandResponse,
     CreateSandboxRequest,
     ExposedPort,
     FileUploadResponse,
+    GatewayAuth,
     ListExposedPortsResponse,
+    Logs,
+    ReadFileResponse,
     Sandbox,
     SandboxListResponse,
 )
@@ -116,7 +120,7 @@ class Operations:
 
     def delete(self, sandbox_id: str) -> Op[dict[str, Any]]:
         self._gateways.pop(sandbox_id, None)
-        return dict(_ok((yield Call("DELETE", f"/sandbox/{sandbox_id}"))).json())
+        return _object(_ok((yield Call("DELETE", f"/sandbox/{sandbox_id}"))))
 
     def bulk_delete(
         self, sandbox_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None
@@ -132,7 +136,7 @@ class Operations:
         return _model(BulkDeleteSandboxResponse, _ok(response))
 
     def get_logs(self, sandbox_id: str) -> Op[str]:
-        return str(_ok((yield Call("GET", f"/sandbox/{sandbox_id}/logs"))).json()["logs"])
+        return _model(Logs, _ok((yield Call("GET", f"/sandbox/{sandbox_id}/logs")))).logs
 
     def wait_for_creation(self, sandbox_id: str, max_attempts: int = 60) -> Op[None]:
         """Poll until RUNNING; raise the typed not-running error if it fails instead."""
@@ -186,12 +190,8 @@ class Operations:
                     sandbox = yield from self.get(sandbox_id)
                     found[sandbox_id] = (sandbox.status, sandbox.error_type, sandbox.error_message)
                 continue
-            for item in _ok(response).json()["sandboxes"]:
-                found[item["id"]] = (
-                    item.get("status"),
-                    item.get("errorType"),
-                    item.get("errorMessage"),
-                )
+            for item in _model(BatchStatus, _ok(response)).sandboxes:
+                found[item.id] = (item.status, item.error_type, item.error_message)
         return found
 
     def expose(
@@ -297,7 +297,7 @@ class Operations:
             raise errors.SandboxFileNotFoundError(
                 f"file not found in sandbox {sandbox_id}: {file_path}", status_code=404
             )
-        return dict(_ok(response).json())
+        return _model(ReadFileResponse, _ok(response)).model_dump()
 
     def start_background_job(
         self,
@@ -359,11 +359,11 @@ class Operations:
         cached = self._gateways.get(sandbox_id)
         if cached is not None and cached.expires - TOKEN_MARGIN > datetime.now(UTC):
             return cached
-        auth = _ok((yield Call("POST", f"/sandbox/{sandbox_id}/auth"))).json()
-        expires = datetime.fromisoformat(str(auth["expires_at"]).replace("Z", "+00:00"))
+        auth = _model(GatewayAuth, _ok((yield Call("POST", f"/sandbox/{sandbox_id}/auth"))))
+        expires = auth.expires_at
         gateway = _Gateway(
-            url=f"{str(auth['gateway_url']).rstrip('/')}/{auth['user_ns']}/{auth['job_id']}",
-            token=str(auth["token"]),
+            url=f"{auth.gateway_url.rstrip('/')}/{auth.user_ns}/{auth.job_id}",
+            token=auth.token,
             expires=expires if expires.tzinfo else expires.replace(tzinfo=UTC),
         )
         self._gateways[sandbox_id] = gateway
@@ -415,6 +415,17 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])
     return str(body)[:500]
+
+
+def _object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise errors.APIError("malformed response from the API: expected a JSON object",
+                              status_code=response.status_code)  # fmt: skip
+    return body
 
 
 def _model(model: type[M], response: httpx.Response) -> M:

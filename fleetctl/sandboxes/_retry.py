@@ -1,6 +1,6 @@
 """Retry policy of the SDK's transport, one place for both the sync and async clients.
 
-Idempotent calls are retried on connect errors, resets and 502/503/504 with
+Idempotent calls are retried on connect errors, resets and 500/502/503/504 with
 exponential backoff and full jitter; a create is retried only because it always
 carries an idempotency key. A 429 waits for Retry-After (or backs off) and does
 not count as a failed attempt; everything stops at the total `timeout`.
@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-RETRY_STATUSES = frozenset({502, 503, 504})
+#: Statuses retried for idempotent calls and keyed creates. 500 is included: a
+#: create carries its idempotency key, so retrying it can never make a second sandbox.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,10 +77,15 @@ def resolve(
         url = os.environ.get("PRIME_BASE_URL") or os.environ.get("PRIME_API_BASE_URL")
         return Endpoint(_strip(url or PRIME_DEFAULT_URL), key, "prime")
     contexts = config.get("contexts") or {}
+    if not isinstance(contexts, dict):
+        raise APIError(f"`contexts` in {config_file()} must be a mapping of names to contexts")
     if name not in contexts:
         known = ", ".join(["local", "prime", *contexts])
         raise APIError(f"unknown context {name!r} (known: {known}; defined in {config_file()})")
     entry = contexts[name]
+    if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+        raise APIError(f"context {name!r} in {config_file()} needs a `url` (and optionally "
+                       "`api_key_env`)")  # fmt: skip
     variable = str(entry.get("api_key_env", "FLEETCTL_API_KEY"))
     key = api_key or os.environ.get(variable, "")
     if not key:

@@ -111,6 +111,39 @@ class ListExposedPortsResponse(BaseModel):
     exposures: list[ExposedPort]
 
 
+class Logs(BaseModel):
+    logs: str
+
+
+class BatchStatusItem(_Wire):
+    id: str
+    status: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+class BatchStatus(_Wire):
+    sandboxes: list[BatchStatusItem]
+
+
+class GatewayAuth(BaseModel):
+    """A sandbox's data-plane address and token (snake_case on the wire)."""
+
+    token: str
+    gateway_url: str
+    user_ns: str
+    job_id: str
+    expires_at: datetime
+
+
+class ReadFileResponse(BaseModel):
+    content: str
+    size: int
+    total_size: int | None = None
+    offset: int | None = None
+    truncated: bool = False
+
+
 class BackgroundJob(BaseModel):
     """A detached command; its output and exit code live in files inside the sandbox."""
 

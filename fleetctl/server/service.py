@@ -8,6 +8,7 @@ gateway tokens). Routes call it; it knows nothing of HTTP.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import secrets
@@ -34,6 +35,7 @@ from fleetctl.server.runtime.sandbox import (
 from fleetctl.server.store import ExposureRecord, SandboxRecord, Store, utcnow
 
 Clock = Callable[[], datetime]
+log = logging.getLogger("fleetctl.server")
 ImagePolicy = Literal["host", "strict"]
 
 TOKEN_TTL = timedelta(hours=1)
@@ -95,7 +97,10 @@ class SandboxService:
 
     async def _monitor(self, interval: float) -> None:
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # a monitor that dies would silently freeze every status
+                log.exception("monitor pass failed; retrying")
             await anyio.sleep(interval)
 
     def reclaim(self) -> None:
@@ -209,9 +214,7 @@ class SandboxService:
         return candidate if (candidate / "usr").is_dir() else None
 
     def _log(self, sandbox_id: str, line: str) -> None:
-        path = self.runtime.log_path(sandbox_id)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as log:
+        with open(self.runtime.log_path(sandbox_id), "a", encoding="utf-8") as log:
             log.write(line)
 
     def get(self, sandbox_id: str) -> SandboxRecord:
@@ -327,6 +330,7 @@ class SandboxService:
         for record in self.store.query(include_deleted=True, status="TERMINATED")[0]:
             if record.deleted_at is not None and record.deleted_at < retention:
                 self.store.purge(record.id)
+                self.runtime.forget(record.id)
 
     async def kill_random_sandbox(self, rng: random.Random) -> None:
         """Fault injection: kill one running sandbox's processes out of band, as a

@@ -166,9 +166,10 @@ def test_start_command_output_is_kept_for_logs(api: httpx.Client, sandboxes: Cre
 def test_main_process_exit_terminates_with_exit_code(
     api: httpx.Client, sandboxes: Create, gateway: Connect
 ) -> None:
-    record = sandboxes(name="exit", start_command="exit 3")
+    record = sandboxes(name="exit", start_command="echo boom-before-exit >&2; exit 3")
     final = wait_for(api, record["id"], "TERMINATED", "ERROR")
     assert (final["status"], final["exitCode"]) == ("TERMINATED", 3)
+    assert "boom-before-exit" in api.get(f"/sandbox/{record['id']}/logs").json()["logs"]
     response = gateway(record["id"]).exec("true")
     assert response.status_code == 409
     context = api.get(f"/sandbox/{record['id']}/error-context").json()

@@ -126,6 +126,10 @@ class Runtime:
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o711)  # traversable by sandbox uids, listable by root only
         self.meta.mkdir(mode=0o700, exist_ok=True)
+        # logs outlive their sandbox (a failed start command must be explainable);
+        # the service forgets them with the sandbox's record
+        self.logs = data_dir / "logs"
+        self.logs.mkdir(mode=0o700, exist_ok=True)
         self.bwrap = self._install_bwrap(data_dir, host.bwrap)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -157,7 +161,11 @@ class Runtime:
         return self.root / sandbox_id
 
     def log_path(self, sandbox_id: str) -> Path:
-        return self.meta / sandbox_id / "main.log"
+        return self.logs / f"{sandbox_id}.log"
+
+    def forget(self, sandbox_id: str) -> None:
+        """Remove what outlives a destroyed sandbox: its log."""
+        self.log_path(sandbox_id).unlink(missing_ok=True)
 
     def start(self, spec: LaunchSpec) -> Handle:
         """Start a sandbox and return once its main process runs (blocking)."""
@@ -172,7 +180,7 @@ class Runtime:
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         args_r, args_w = os.pipe()
-        log = open(meta / "main.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path(spec.id), "ab")  # noqa: SIM115 - handed to the child
         status = os.open(meta / "status.json", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         command = spec.start_command or IDLE_COMMAND
         # The main process says it runs (mounts done) on the ready pipe, then
@@ -254,8 +262,15 @@ class Runtime:
         for name in WRITABLE_DIRS:
             (home / "upper" / name).mkdir(parents=True, exist_ok=True)
             owned.append(home / "upper" / name)
+        lower = spec.rootfs or Path("/")
+        if not (lower / "usr/bin/python").exists() and (lower / "usr/bin/python3").exists():
+            # Debian's root has only python3; images and guides say `python`
+            alias = home / "upper/usr/local/bin/python"
+            alias.symlink_to("/usr/bin/python3")
+            owned.append(alias)
         for path in owned:
-            path.mkdir(parents=True, exist_ok=True)
+            if not path.is_symlink():
+                path.mkdir(parents=True, exist_ok=True)
             os.lchown(path, uid, uid)
         return home
 
