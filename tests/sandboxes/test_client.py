@@ -1,0 +1,1130 @@
+"""fleetctl.sandboxes, sync and async, against real local servers.
+
+Most tests run once per client (`flavor`): `sdk` is an `AsyncSandboxClient`, or a
+`SandboxClient` whose calls run on a worker thread (`Threaded`), so a single test
+body pins both clients. Every sandbox a test creates carries the test's unique
+label and is deleted after it through a plain httpx client that retries by
+itself. Servers with special flags (faults, a rate limit, a fast clock, strict
+images) are module-scoped and stopped at the end. Unusual servers are replaced by
+an in-test `httpx.MockTransport` only where a real one cannot answer (402,
+malformed bodies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
+
+import anyio
+import httpx
+import pytest
+
+from fleetctl.sandboxes import (
+    APIClient,
+    APIError,
+    AsyncAPIClient,
+    AsyncSandboxClient,
+    BackgroundJobStatus,
+    CommandTimeoutError,
+    CreateSandboxRequest,
+    PaymentRequiredError,
+    RetryPolicy,
+    Sandbox,
+    SandboxClient,
+    SandboxFileNotFoundError,
+    SandboxImagePullError,
+    SandboxNotRunningError,
+    SandboxOOMError,
+    SandboxTimeoutError,
+    UnauthorizedError,
+)
+from fleetctl.sandboxes.config import PRIME_DEFAULT_URL, Endpoint, resolve
+from fleetctl.server import daemon
+from fleetctl.server.runtime.host import probe
+from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Flavor = Literal["sync", "async"]
+
+MB = 1024 * 1024
+NOWHERE = "http://sdk-test.invalid"
+HTTP_SERVER = "python3 -m http.server 8000 --bind 127.0.0.1 --directory /workspace"
+ECHO_SERVER = (
+    "python3 -c \"import socketserver as s; H = type('H', (s.StreamRequestHandler,), "
+    "{'handle': lambda h: h.wfile.write(h.rfile.readline().upper())}); "
+    "s.TCPServer(('127.0.0.1', 9000), H).serve_forever()\""
+)
+ALLOCATE_256_MB = "python3 -c 'b = b\"x\" * (256 * 1024 * 1024)'"
+FAULTS = "error=0.3,reset=0.2,seed=11,scope=control"
+#: Half of the faulty server's requests fail; six attempts would give up on ~1.6% of calls.
+PATIENT = RetryPolicy(attempts=12, wait_initial=0.01, wait_max=0.2)
+FAST = RetryPolicy(attempts=2, wait_initial=0.01, wait_max=0.01)
+#: A sandbox as the API returns it, for MockTransport answers.
+SANDBOX_JSON = {
+    "id": "sbx-mock",
+    "name": "mock",
+    "dockerImage": "python:3.11-slim",
+    "cpuCores": 1.0,
+    "memoryGB": 0.25,
+    "diskSizeGB": 5.0,
+    "status": "PENDING",
+    "timeoutMinutes": 60,
+    "labels": [],
+    "createdAt": "2025-01-01T00:00:00Z",
+}
+
+
+# -- driving both clients from one test body -------------------------------------------
+
+
+def _threaded(method: Callable[P, T]) -> Callable[P, Awaitable[T]]:
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await anyio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
+
+    return call
+
+
+class Threaded:
+    """A SandboxClient behind awaitables: each call runs the sync client on a worker thread.
+
+    Only the await is added; every call goes through the sync client's own code path
+    (its httpx.Client, its time.sleep backoff). `test_sync_and_async_clients_*` keeps
+    this list complete.
+    """
+
+    def __init__(self, client: SandboxClient) -> None:
+        self.client = client
+        self.api = client.api
+        self.clear_auth_cache = client.clear_auth_cache
+        self.create = _threaded(client.create)
+        self.get = _threaded(client.get)
+        self.list = _threaded(client.list)
+        self.delete = _threaded(client.delete)
+        self.bulk_delete = _threaded(client.bulk_delete)
+        self.get_logs = _threaded(client.get_logs)
+        self.wait_for_creation = _threaded(client.wait_for_creation)
+        self.bulk_wait_for_creation = _threaded(client.bulk_wait_for_creation)
+        self.execute_command = _threaded(client.execute_command)
+        self.start_background_job = _threaded(client.start_background_job)
+        self.get_background_job = _threaded(client.get_background_job)
+        self.upload_file = _threaded(client.upload_file)
+        self.download_file = _threaded(client.download_file)
+        self.read_file = _threaded(client.read_file)
+        self.expose = _threaded(client.expose)
+        self.unexpose = _threaded(client.unexpose)
+        self.list_exposed_ports = _threaded(client.list_exposed_ports)
+
+    async def aclose(self) -> None:
+        self.client.close()
+
+
+Sdk = Threaded | AsyncSandboxClient
+
+
+class Tap(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """A real transport that records every request and may answer some itself."""
+
+    def __init__(self, answer: Callable[[httpx.Request], httpx.Response | None] | None = None):
+        self.requests: list[httpx.Request] = []
+        self._answer = answer or (lambda request: None)
+        self._sync = httpx.HTTPTransport()
+        self._async = httpx.AsyncHTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self._answer(request) or self._sync.handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self._answer(request) or await self._async.handle_async_request(request)
+
+    def close(self) -> None:
+        self._sync.close()
+
+    async def aclose(self) -> None:
+        await self._async.aclose()
+
+    def count(self, suffix: str) -> int:
+        return sum(request.url.path.endswith(suffix) for request in self.requests)
+
+
+class Connect(Protocol):
+    def __call__(
+        self,
+        flavor: Flavor,
+        target: Server | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Sdk: ...
+
+
+New = Callable[..., CreateSandboxRequest]
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30) -> T:
+    """Await `check` until it returns something other than None; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (result := await check()) is None:
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        await anyio.sleep(0.05)
+    return result
+
+
+async def control(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A control-plane call through plain httpx that retries transport errors and 5xx itself."""
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(
+        base_url=f"{server.url}/api/v1",
+        headers={"Authorization": f"Bearer {server.token}"},
+        timeout=30,
+    ) as client:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                response = await client.request(method, path, **kwargs)
+                if response.status_code < 500:
+                    return response
+            assert time.monotonic() < deadline, f"{method} {path} kept failing"
+            await anyio.sleep(0.02)
+
+
+async def labelled(server: Server, label: str) -> list[str]:
+    """Ids of the live sandboxes carrying `label`, as the server itself reports them."""
+    response = await control(server, "GET", "/sandbox", params={"labels": label, "per_page": 500})
+    assert response.status_code == 200, response.text
+    return sorted(item["id"] for item in response.json()["sandboxes"])
+
+
+async def started(sdk: Sdk, request: CreateSandboxRequest) -> Sandbox:
+    sandbox = await sdk.create(request)
+    await sdk.wait_for_creation(sandbox.id)
+    return sandbox
+
+
+async def create_all(
+    sdk: Sdk, requests: Sequence[CreateSandboxRequest], *, parallel: bool
+) -> tuple[list[Sandbox], list[APIError]]:
+    """Create every request (all at once, or one after another); return successes and errors."""
+    created: list[Sandbox] = []
+    failed: list[APIError] = []
+    limiter = anyio.CapacityLimiter(len(requests) if parallel else 1)
+
+    async def one(request: CreateSandboxRequest) -> None:
+        async with limiter:
+            try:
+                created.append(await sdk.create(request))
+            except APIError as exc:
+                failed.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for request in requests:
+            group.start_soon(one, request)
+    return created, failed
+
+
+def create_bodies(tap: Tap) -> list[dict[str, Any]]:
+    return [
+        json.loads(request.content)
+        for request in tap.requests
+        if request.method == "POST" and request.url.path == "/api/v1/sandbox"
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+# -- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavor(request: pytest.FixtureRequest) -> Flavor:
+    return cast(Flavor, request.param)
+
+
+@pytest.fixture
+def label() -> str:
+    return f"t-sdk-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def new(label: str) -> New:
+    """A small sandbox request carrying the test's label (plus `extra` labels)."""
+
+    def make(*extra: str, **fields: Any) -> CreateSandboxRequest:
+        defaults = {"name": "sdk-test", "docker_image": "python:3.11-slim", "memory_gb": 0.25}
+        return CreateSandboxRequest(**{**defaults, **fields, "labels": [label, *extra]})
+
+    return make
+
+
+@pytest.fixture
+async def connect(server: Server, label: str) -> AsyncIterator[Connect]:
+    """Open SDK clients (closed after the test); the test's sandboxes are deleted after it."""
+    opened: list[Sdk] = []
+    used: dict[str, Server] = {}
+
+    def open_client(
+        flavor: Flavor,
+        target: Server | None = None,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Sdk:
+        target = target or server
+        if base_url is None:
+            used[target.url] = target
+        key, url = api_key or target.token, base_url or target.url
+        sdk: Sdk
+        if flavor == "sync":
+            sdk = Threaded(SandboxClient(APIClient(key, url, transport=transport, retry=retry)))
+        else:
+            sdk = AsyncSandboxClient(AsyncAPIClient(key, url, transport=transport, retry=retry))
+        opened.append(sdk)
+        return sdk
+
+    yield open_client
+    for sdk in opened:
+        await sdk.aclose()
+    for target in used.values():
+        response = await control(target, "DELETE", "/sandbox", json={"labels": [label]})
+        assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def sdk(connect: Connect, flavor: Flavor) -> Sdk:
+    """An SDK client of this test's flavor on the session's server."""
+    return connect(flavor)
+
+
+@contextlib.contextmanager
+def extra_server(*flags: str) -> Iterator[Server]:
+    if not probe().can_run:
+        pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
+    with traversable_dir() as base:
+        info, process = start_server(base / "data", *flags)
+        try:
+            yield info
+        finally:
+            stop_server(process)
+        assert not list((info.data_dir / "sandboxes").glob("*")), "server stop left sandboxes"
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[Server]:
+    """Half the control-plane requests fail: 30% answer 500/502/503, 20% drop mid-response."""
+    with extra_server("--faults", FAULTS) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def throttled() -> Iterator[Server]:
+    with extra_server("--rate-limit", "create=5/s") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def fast_clock() -> Iterator[Server]:
+    """Lifetimes run 100x fast: timeout_minutes=1 ends a sandbox after 0.6 s."""
+    with extra_server("--timeout-scale", "0.01") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def strict_images() -> Iterator[Server]:
+    """No image has a local rootfs here, so every sandbox fails with IMAGE_PULL_FAILED."""
+    with extra_server("--image-policy", "strict") as info:
+        yield info
+
+
+# -- every method, both clients --------------------------------------------------------
+
+
+def test_sync_and_async_clients_offer_the_same_methods_with_the_same_signatures() -> None:
+    def surface(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(getattr(cls, name))
+            for name in dir(cls)
+            if not name.startswith("_") and name not in ("close", "aclose", "api")
+        }
+
+    methods = surface(SandboxClient)
+    assert methods == surface(AsyncSandboxClient)
+    with SandboxClient(APIClient("k", NOWHERE)) as client:
+        wrapped = set(vars(Threaded(client))) - {"client", "api"}
+    assert set(methods) == wrapped, "Threaded must wrap every method, or some go untested"
+
+
+@pytest.mark.anyio
+async def test_create_echoes_the_request_and_wait_for_creation_returns_once_running(
+    sdk: Sdk, new: New, label: str
+) -> None:
+    created = await sdk.create(
+        new("extra", name="sdk-create", environment_vars={"A": "1"}, timeout_minutes=30)
+    )
+    assert created.status in ("PENDING", "PROVISIONING", "RUNNING")
+    assert (created.name, created.labels, created.memory_gb) == (
+        "sdk-create",
+        [label, "extra"],
+        0.25,
+    )
+    assert (created.environment_vars, created.timeout_minutes) == ({"A": "1"}, 30)
+    await sdk.wait_for_creation(created.id)
+    current = await sdk.get(created.id)
+    assert (current.id, current.status) == (created.id, "RUNNING")
+    assert current.started_at is not None
+
+
+@pytest.mark.anyio
+async def test_get_of_an_unknown_sandbox_is_an_api_error_404(sdk: Sdk) -> None:
+    with pytest.raises(APIError) as caught:
+        await sdk.get("no-such-sandbox")
+    assert caught.value.status_code == 404
+
+
+@pytest.mark.anyio
+async def test_list_returns_sandboxes_having_every_label_and_paginates(
+    sdk: Sdk, new: New, label: str
+) -> None:
+    ids = [(await sdk.create(new(f"n{i % 2}"))).id for i in range(5)]
+    everything = await sdk.list(labels=[label])
+    assert (sorted(s.id for s in everything.sandboxes), everything.total) == (sorted(ids), 5)
+    even = await sdk.list(labels=[label, "n0"])
+    assert sorted(s.id for s in even.sandboxes) == sorted(ids[0::2])
+    assert all({label, "n0"} <= set(s.labels) for s in even.sandboxes)
+    assert (await sdk.list(labels=[label, "n0", "n1"])).sandboxes == []
+    pages = [await sdk.list(labels=[label], page=page, per_page=2) for page in (1, 2, 3)]
+    assert [len(p.sandboxes) for p in pages] == [2, 2, 1]
+    assert [p.has_next for p in pages] == [True, True, False]
+    assert [(p.page, p.per_page, p.total) for p in pages] == [(1, 2, 5), (2, 2, 5), (3, 2, 5)]
+    paged = [s.id for p in pages for s in p.sandboxes]
+    assert sorted(paged) == sorted(ids), "pages overlap or miss sandboxes"
+
+
+@pytest.mark.anyio
+async def test_delete_terminates_the_sandbox(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new())
+    deleted = await sdk.delete(sandbox.id)
+    assert (deleted["success"], deleted["id"]) == (True, sandbox.id)
+    assert (await sdk.get(sandbox.id)).status == "TERMINATED"
+
+
+@pytest.mark.anyio
+async def test_bulk_delete_by_ids_and_by_labels_that_must_all_match(
+    sdk: Sdk, new: New, label: str
+) -> None:
+    by_id = [(await sdk.create(new())).id for _ in range(2)]
+    doomed = [(await sdk.create(new("doomed"))).id for _ in range(2)]
+    survivor = (await sdk.create(new())).id
+    result = await sdk.bulk_delete(sandbox_ids=by_id)
+    assert (sorted(result.succeeded), result.failed) == (sorted(by_id), [])
+    result = await sdk.bulk_delete(labels=[label, "doomed"])
+    assert (sorted(result.succeeded), result.failed) == (sorted(doomed), [])
+    assert [s.id for s in (await sdk.list(labels=[label])).sandboxes] == [survivor]
+
+
+@pytest.mark.anyio
+async def test_bulk_delete_takes_exactly_one_of_ids_or_labels_before_any_request(
+    connect: Connect, flavor: Flavor
+) -> None:
+    tap = Tap()
+    sdk = connect(flavor, transport=tap)
+    with pytest.raises(ValueError, match="exactly one"):
+        await sdk.bulk_delete()
+    with pytest.raises(ValueError, match="exactly one"):
+        await sdk.bulk_delete(sandbox_ids=["a"], labels=["b"])
+    assert tap.requests == []
+
+
+@pytest.mark.anyio
+async def test_bulk_delete_with_an_empty_label_list_deletes_nothing(
+    sdk: Sdk, new: New, label: str
+) -> None:
+    sandbox = await sdk.create(new())
+    with pytest.raises((ValueError, APIError)):
+        await sdk.bulk_delete(labels=[])
+    assert [s.id for s in (await sdk.list(labels=[label])).sandboxes] == [sandbox.id]
+
+
+@pytest.mark.anyio
+async def test_execute_command_honours_working_dir_env_and_timeout(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new(environment_vars={"BASE": "b"}))
+    result = await sdk.execute_command(
+        sandbox.id,
+        "pwd; echo $BASE $EXTRA; echo oops >&2; exit 7",
+        working_dir="/tmp",
+        env={"EXTRA": "e"},
+        timeout=30,
+    )
+    assert (result.stdout, result.stderr, result.exit_code) == ("/tmp\nb e\n", "oops\n", 7)
+    again = await sdk.execute_command(sandbox.id, "pwd; echo ${EXTRA:-unset}")
+    assert (again.stdout, again.exit_code) == ("/workspace\nunset\n", 0)
+    within = await sdk.execute_command(sandbox.id, "sleep 0.2; echo done", timeout=5)
+    assert within.stdout == "done\n"
+    for timeout in (0, 901):
+        with pytest.raises(ValueError, match="timeout"):
+            await sdk.execute_command(sandbox.id, "true", timeout=timeout)
+
+
+@pytest.mark.anyio
+async def test_background_job_returns_at_once_and_reports_output_and_exit_code(
+    sdk: Sdk, new: New
+) -> None:
+    sandbox = await started(sdk, new())
+    job = await sdk.start_background_job(
+        sandbox.id,
+        "while [ ! -e /tmp/go ]; do sleep 0.05; done; pwd; echo $X; echo err >&2; exit 3",
+        working_dir="/tmp",
+        env={"X": "y"},
+    )
+    assert job.sandbox_id == sandbox.id
+    waiting = await sdk.get_background_job(sandbox.id, job)
+    assert (waiting.job_id, waiting.completed, waiting.exit_code) == (job.job_id, False, None)
+    await sdk.execute_command(sandbox.id, "touch /tmp/go")
+
+    async def finished() -> BackgroundJobStatus | None:
+        status = await sdk.get_background_job(sandbox.id, job)
+        return status if status.completed else None
+
+    done = await eventually(finished, "background job completion")
+    assert (done.exit_code, done.stdout, done.stderr) == (3, "/tmp\ny\n", "err\n")
+
+
+@pytest.mark.anyio
+async def test_upload_read_and_download_files(sdk: Sdk, new: New, tmp_path: Path) -> None:
+    sandbox = await started(sdk, new())
+    source = tmp_path / "in.txt"
+    source.write_text("line1\nline2\n")
+    uploaded = await sdk.upload_file(sandbox.id, "nested/dir/in.txt", str(source))
+    assert (uploaded.success, uploaded.path, uploaded.size) == (True, "nested/dir/in.txt", 12)
+    listed = await sdk.execute_command(sandbox.id, "cat /workspace/nested/dir/in.txt")
+    assert listed.stdout == "line1\nline2\n", "relative paths resolve under /workspace"
+    whole = await sdk.read_file(sandbox.id, "nested/dir/in.txt")
+    assert (whole["content"], whole["total_size"], whole["truncated"]) == (
+        "line1\nline2\n",
+        12,
+        False,
+    )
+    part = await sdk.read_file(sandbox.id, "/workspace/nested/dir/in.txt", offset=6, length=5)
+    assert (part["content"], part["truncated"]) == ("line2", True)
+    target = tmp_path / "out" / "copy.txt"
+    await sdk.download_file(sandbox.id, "nested/dir/in.txt", str(target))
+    assert target.read_bytes() == source.read_bytes()
+    with pytest.raises(SandboxFileNotFoundError):
+        await sdk.read_file(sandbox.id, "missing.txt")
+    with pytest.raises(APIError) as caught:
+        await sdk.download_file(sandbox.id, "missing.txt", str(tmp_path / "missing.txt"))
+    assert caught.value.status_code == 404
+    assert not (tmp_path / "missing.txt").exists()
+
+
+@pytest.mark.anyio
+async def test_http_exposure_serves_its_url_until_unexposed(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new(start_command=HTTP_SERVER, network_access=False))
+    await sdk.execute_command(sandbox.id, "echo exposed > /workspace/index.txt")
+    exposure = await sdk.expose(sandbox.id, 8000, name="web")
+    assert (exposure.sandbox_id, exposure.port, exposure.name) == (sandbox.id, 8000, "web")
+    assert exposure.protocol == "HTTP"
+    assert exposure.url.startswith("http://")
+    async with httpx.AsyncClient(timeout=5) as http:
+
+        async def served() -> str | None:
+            with contextlib.suppress(httpx.TransportError):
+                response = await http.get(f"{exposure.url}/index.txt")
+                if response.status_code == 200:
+                    return response.text
+            return None
+
+        async def refused() -> bool | None:
+            try:
+                await http.get(f"{exposure.url}/index.txt")
+            except httpx.TransportError:
+                return True
+            return None
+
+        assert await eventually(served, "the exposed HTTP server") == "exposed\n"
+        listed = await sdk.list_exposed_ports(sandbox.id)
+        assert [e.exposure_id for e in listed.exposures] == [exposure.exposure_id]
+        await sdk.unexpose(sandbox.id, exposure.exposure_id)
+        assert (await sdk.list_exposed_ports(sandbox.id)).exposures == []
+        await eventually(refused, "the unexposed port closing")
+
+
+@pytest.mark.anyio
+async def test_tcp_exposure_gives_an_external_endpoint_for_raw_sockets(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new(start_command=ECHO_SERVER, network_access=False))
+    exposure = await sdk.expose(sandbox.id, 9000, protocol="TCP")
+    assert exposure.protocol == "TCP"
+    assert exposure.external_endpoint is not None
+    host, port = exposure.external_endpoint.rsplit(":", 1)
+    assert int(port) == exposure.external_port
+
+    async def echoed() -> bytes | None:
+        try:
+            with anyio.fail_after(5):
+                async with await anyio.connect_tcp(host, int(port)) as stream:
+                    await stream.send(b"ping\n")
+                    return await stream.receive()
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+            return None  # nothing listens inside yet: the proxy closes the connection
+
+    assert await eventually(echoed, "the exposed TCP echo server") == b"PING\n"
+    listed = await sdk.list_exposed_ports(sandbox.id)
+    assert [(e.exposure_id, e.external_port) for e in listed.exposures] == [
+        (exposure.exposure_id, exposure.external_port)
+    ]
+
+
+@pytest.mark.anyio
+async def test_get_logs_returns_the_start_commands_output(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new(start_command="echo hello-from-main; exec sleep infinity"))
+
+    async def logged() -> str | None:
+        logs = await sdk.get_logs(sandbox.id)
+        return logs if "hello-from-main" in logs else None
+
+    await eventually(logged, "the start command's output in the logs")
+
+
+@pytest.mark.anyio
+async def test_gateway_tokens_are_cached_until_clear_auth_cache(
+    connect: Connect, flavor: Flavor, new: New
+) -> None:
+    tap = Tap()
+    sdk = connect(flavor, transport=tap)
+    sandbox = await started(sdk, new())
+    auth = f"/sandbox/{sandbox.id}/auth"
+    await sdk.execute_command(sandbox.id, "true")
+    await sdk.read_file(sandbox.id, "/etc/hostname")
+    assert tap.count(auth) == 1
+    sdk.clear_auth_cache()
+    assert (await sdk.execute_command(sandbox.id, "echo ok")).stdout == "ok\n"
+    assert tap.count(auth) == 2
+
+
+@pytest.mark.anyio
+async def test_a_refused_gateway_token_is_replaced_once_then_unauthorized(
+    connect: Connect, flavor: Flavor, new: New
+) -> None:
+    refusals = {"left": 1}
+
+    def refuse(request: httpx.Request) -> httpx.Response | None:
+        if request.url.path.startswith("/gw/") and refusals["left"] > 0:
+            refusals["left"] -= 1
+            return httpx.Response(401, json={"detail": "expired gateway token"})
+        return None
+
+    tap = Tap(refuse)
+    sdk = connect(flavor, transport=tap)
+    sandbox = await started(sdk, new())
+    auth = f"/sandbox/{sandbox.id}/auth"
+    assert (await sdk.execute_command(sandbox.id, "echo ok")).stdout == "ok\n"
+    assert (tap.count(auth), tap.count("/exec")) == (2, 2)
+    refusals["left"] = 2
+    sdk.clear_auth_cache()
+    with pytest.raises(UnauthorizedError):
+        await sdk.execute_command(sandbox.id, "true")
+    assert (tap.count(auth), tap.count("/exec")) == (4, 4), "retried more than once"
+
+
+def test_sync_client_as_context_manager_closes_its_connections(server: Server) -> None:
+    with SandboxClient(APIClient(api_key=server.token, base_url=server.url)) as client:
+        client.list(per_page=1)
+        assert not client.api._http.is_closed
+    assert client.api._http.is_closed
+
+
+@pytest.mark.anyio
+async def test_async_client_as_async_context_manager_closes_its_connections(
+    server: Server,
+) -> None:
+    api = AsyncAPIClient(api_key=server.token, base_url=server.url)
+    async with AsyncSandboxClient(api) as client:
+        await client.list(per_page=1)
+        assert not client.api._http.is_closed
+    assert client.api._http.is_closed
+
+
+# -- typed errors ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_exec_that_exhausts_memory_raises_sandbox_oom_error(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new(memory_gb=0.0625))
+    with pytest.raises(SandboxOOMError) as caught:
+        await sdk.execute_command(sandbox.id, ALLOCATE_256_MB, timeout=60)
+    assert (caught.value.sandbox_id, caught.value.status, caught.value.error_type) == (
+        sandbox.id,
+        "ERROR",
+        "OOM_KILLED",
+    )
+    with pytest.raises(SandboxOOMError):
+        await sdk.execute_command(sandbox.id, "true")
+
+
+@pytest.mark.anyio
+async def test_sandbox_past_its_lifetime_raises_sandbox_timeout_error(
+    connect: Connect, flavor: Flavor, fast_clock: Server, new: New
+) -> None:
+    sdk = connect(flavor, fast_clock)
+    sandbox = await sdk.create(new(timeout_minutes=1))
+
+    async def use_until_stopped() -> None:
+        await sdk.wait_for_creation(sandbox.id)
+        deadline = time.monotonic() + 30
+        while True:
+            await sdk.execute_command(sandbox.id, "true")
+            assert time.monotonic() < deadline, "the sandbox outlived its 0.6 s lifetime"
+            await anyio.sleep(0.05)
+
+    with pytest.raises(SandboxTimeoutError) as caught:
+        await use_until_stopped()
+    assert (caught.value.sandbox_id, caught.value.status, caught.value.error_type) == (
+        sandbox.id,
+        "TIMEOUT",
+        "TIMEOUT",
+    )
+
+
+@pytest.mark.anyio
+async def test_command_past_its_timeout_raises_command_timeout_error(sdk: Sdk, new: New) -> None:
+    sandbox = await started(sdk, new())
+    with pytest.raises(CommandTimeoutError) as caught:
+        await sdk.execute_command(sandbox.id, "sleep 30", timeout=1)
+    assert caught.value.sandbox_id == sandbox.id
+    assert (await sdk.execute_command(sandbox.id, "echo alive")).stdout == "alive\n"
+
+
+@pytest.mark.anyio
+async def test_unpullable_image_raises_sandbox_image_pull_error(
+    connect: Connect, flavor: Flavor, strict_images: Server, new: New
+) -> None:
+    sdk = connect(flavor, strict_images)
+    sandbox = await sdk.create(new())
+    with pytest.raises(SandboxImagePullError) as caught:
+        await sdk.wait_for_creation(sandbox.id)
+    assert (caught.value.sandbox_id, caught.value.status, caught.value.error_type) == (
+        sandbox.id,
+        "ERROR",
+        "IMAGE_PULL_FAILED",
+    )
+    assert "python:3.11-slim" in str(caught.value)
+    with pytest.raises(SandboxImagePullError):
+        await sdk.bulk_wait_for_creation([sandbox.id])
+
+
+@pytest.mark.anyio
+async def test_wait_for_creation_raises_not_running_once_the_main_process_exited(
+    sdk: Sdk, new: New
+) -> None:
+    sandbox = await sdk.create(new(start_command="exit 3"))
+
+    async def wait_until_refused() -> None:
+        # RUNNING is true for an instant, until the server's monitor sees the exit
+        deadline = time.monotonic() + 30
+        while True:
+            await sdk.wait_for_creation(sandbox.id)
+            assert time.monotonic() < deadline, "the exit was never reported"
+            await anyio.sleep(0.05)
+
+    with pytest.raises(SandboxNotRunningError) as caught:
+        await wait_until_refused()
+    assert (type(caught.value), caught.value.status) == (SandboxNotRunningError, "TERMINATED")
+    with pytest.raises(SandboxNotRunningError):
+        await sdk.bulk_wait_for_creation([sandbox.id])
+    assert (await sdk.get(sandbox.id)).exit_code == 3
+
+
+@pytest.mark.anyio
+async def test_data_plane_calls_on_a_deleted_sandbox_raise_not_running(
+    sdk: Sdk, new: New, server: Server, tmp_path: Path
+) -> None:
+    through_sdk, behind_its_back = [await started(sdk, new()) for _ in range(2)]
+    for sandbox in (through_sdk, behind_its_back):  # caches a gateway token for each
+        await sdk.execute_command(sandbox.id, "echo kept > kept.txt")
+    await sdk.delete(through_sdk.id)
+    await control(server, "DELETE", f"/sandbox/{behind_its_back.id}")
+    source = tmp_path / "up.txt"
+    source.write_text("x")
+    sandbox_id = behind_its_back.id
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: sdk.execute_command(through_sdk.id, "true"),
+        lambda: sdk.execute_command(sandbox_id, "true"),
+        lambda: sdk.read_file(sandbox_id, "kept.txt"),
+        lambda: sdk.upload_file(sandbox_id, "up.txt", str(source)),
+        lambda: sdk.download_file(sandbox_id, "kept.txt", str(tmp_path / "down.txt")),
+    ]
+    for call in calls:
+        with pytest.raises(SandboxNotRunningError) as caught:
+            await call()
+        assert (type(caught.value), caught.value.status) == (SandboxNotRunningError, "TERMINATED")
+
+
+@pytest.mark.anyio
+async def test_wrong_api_key_raises_unauthorized(connect: Connect, flavor: Flavor) -> None:
+    sdk = connect(flavor, api_key="not-the-key")
+    with pytest.raises(UnauthorizedError) as caught:
+        await sdk.list()
+    assert caught.value.status_code == 401
+
+
+@pytest.fixture
+def config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An environment with no endpoint settings; returns the config file's path (unwritten)."""
+    for name in (
+        "FLEETCTL_API_URL",
+        "FLEETCTL_API_KEY",
+        "FLEETCTL_CONTEXT",
+        "FLEETCTL_SERVER_TOKEN",
+        "PRIME_API_KEY",
+        "PRIME_BASE_URL",
+        "PRIME_API_BASE_URL",
+        "STAGING_KEY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    # a resolution that wrongly reaches the local context must not use the real data dir
+    monkeypatch.setenv("FLEETCTL_DATA_DIR", str(tmp_path / "no-local-server"))
+    return tmp_path / "config" / "fleetctl" / "config.yaml"
+
+
+@pytest.mark.parametrize("api_class", [APIClient, AsyncAPIClient])
+def test_prime_context_without_a_key_is_unauthorized_before_any_request(
+    config: Path, monkeypatch: pytest.MonkeyPatch, api_class: type[APIClient | AsyncAPIClient]
+) -> None:
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "prime")
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json=SANDBOX_JSON)
+
+    with pytest.raises(UnauthorizedError, match="PRIME_API_KEY"):
+        api_class(transport=httpx.MockTransport(record))
+    assert sent == []
+
+
+@pytest.mark.anyio
+async def test_http_402_raises_payment_required(connect: Connect, flavor: Flavor, new: New) -> None:
+    def broke(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(402, json={"detail": "insufficient balance"})
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(broke))
+    with pytest.raises(PaymentRequiredError) as caught:
+        await sdk.create(new())
+    assert caught.value.status_code == 402
+    assert "insufficient balance" in str(caught.value)
+    with pytest.raises(PaymentRequiredError):
+        await sdk.execute_command("sbx-mock", "true")
+
+
+SdkCall = Callable[[Sdk], Awaitable[object]]
+MODEL_CALLS = [
+    pytest.param(
+        lambda sdk: sdk.create(CreateSandboxRequest(name="m", docker_image="i")), id="create"
+    ),
+    pytest.param(lambda sdk: sdk.get("sbx-mock"), id="get"),
+    pytest.param(lambda sdk: sdk.list(labels=["a"]), id="list"),
+    pytest.param(lambda sdk: sdk.wait_for_creation("sbx-mock"), id="wait_for_creation"),
+    pytest.param(lambda sdk: sdk.bulk_delete(labels=["a"]), id="bulk_delete"),
+    pytest.param(lambda sdk: sdk.expose("sbx-mock", 8000), id="expose"),
+    pytest.param(lambda sdk: sdk.list_exposed_ports("sbx-mock"), id="list_exposed_ports"),
+    pytest.param(lambda sdk: sdk.get_logs("sbx-mock"), id="get_logs"),
+    pytest.param(lambda sdk: sdk.bulk_wait_for_creation(["sbx-mock"]), id="bulk_wait"),
+    pytest.param(lambda sdk: sdk.execute_command("sbx-mock", "true"), id="execute_command"),
+    pytest.param(lambda sdk: sdk.read_file("sbx-mock", "f"), id="read_file"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "call", [*MODEL_CALLS, pytest.param(lambda sdk: sdk.delete("sbx-mock"), id="delete")]
+)
+async def test_a_body_that_is_not_json_raises_api_error(
+    connect: Connect, flavor: Flavor, call: SdkCall
+) -> None:
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"{not json", headers={"content-type": "text/plain"})
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(garbled), retry=FAST)
+    with pytest.raises(APIError):
+        await call(sdk)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("call", MODEL_CALLS)  # delete returns the raw dict, so no shape
+async def test_a_json_body_of_the_wrong_shape_raises_api_error(
+    connect: Connect, flavor: Flavor, call: SdkCall
+) -> None:
+    def odd(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"unexpected": True})
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(odd), retry=FAST)
+    with pytest.raises(APIError):
+        await call(sdk)
+
+
+@pytest.mark.anyio
+async def test_connection_refused_is_retried_then_raises_api_error(
+    connect: Connect, flavor: Flavor, new: New
+) -> None:
+    sdk = connect(flavor, base_url=f"http://127.0.0.1:{closed_port()}", retry=FAST)
+    with pytest.raises(APIError) as caught:
+        await sdk.list()
+    assert caught.value.status_code is None
+    assert sdk.api.stats["retries"] >= 1
+    with pytest.raises(APIError):
+        await sdk.create(new())
+
+
+# -- faults and throttling -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_create_answered_http_500_is_retried_with_the_same_idempotency_key(
+    connect: Connect, flavor: Flavor, new: New
+) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def fail_once(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if len(bodies) == 1:
+            return httpx.Response(500, json={"detail": "injected fault: HTTP 500"})
+        return httpx.Response(200, json=SANDBOX_JSON)
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(fail_once), retry=FAST)
+    assert (await sdk.create(new())).id == "sbx-mock"
+    assert len({body["idempotency_key"] for body in bodies}) == 1 < len(bodies)
+
+
+@pytest.mark.anyio
+async def test_creates_through_faults_all_return_and_retries_never_duplicate(
+    connect: Connect, flavor: Flavor, faulty: Server, new: New, label: str
+) -> None:
+    """Sync creates one at a time, async all at once; each retry reuses its create's key."""
+    tap = Tap()
+    sdk = connect(flavor, faulty, transport=tap, retry=PATIENT)
+    requests = [new(f"n{i}") for i in range(30)]
+    created, failed = await create_all(sdk, requests, parallel=flavor == "async")
+    assert ([str(error) for error in failed], len(created)) == ([], 30)
+    assert await labelled(faulty, label) == sorted(s.id for s in created), "duplicates or losses"
+    keys_by_create: dict[str, set[str]] = {}
+    bodies = create_bodies(tap)
+    for body in bodies:
+        keys_by_create.setdefault(body["labels"][1], set()).add(body["idempotency_key"])
+    assert len(keys_by_create) == 30
+    assert all(len(keys) == 1 for keys in keys_by_create.values()), keys_by_create
+    assert len(set.union(*keys_by_create.values())) == 30, "two creates shared a key"
+    assert len(bodies) > 30, "no create was retried: the faults never struck"
+    stats = (await control(faulty, "GET", "/_fleetctl/faults")).json()
+    assert stats["error"] + stats["reset"] > 0
+
+
+@pytest.mark.anyio
+async def test_creates_beyond_the_rate_limit_wait_for_retry_after_and_all_succeed(
+    connect: Connect, flavor: Flavor, throttled: Server, new: New, label: str
+) -> None:
+    sdk = connect(flavor, throttled)
+    created, failed = await create_all(sdk, [new() for _ in range(15)], parallel=True)
+    assert ([str(error) for error in failed], len(created)) == ([], 15)
+    assert sdk.api.stats["throttled"] > 0
+    assert await labelled(throttled, label) == sorted(s.id for s in created)
+
+
+# -- scale -----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_bulk_wait_for_creation_over_150_sandboxes_then_bulk_delete_by_label(
+    connect: Connect, new: New, label: str
+) -> None:
+    sdk = connect("async")
+    created, failed = await create_all(
+        sdk, [new(name=f"sdk-fleet-{i}") for i in range(150)], parallel=True
+    )
+    assert ([str(error) for error in failed], len(created)) == ([], 150)
+    ids = [sandbox.id for sandbox in created]
+    assert await sdk.bulk_wait_for_creation(ids) == dict.fromkeys(ids, "RUNNING")
+    running = await sdk.list(labels=[label], status="RUNNING", per_page=200)
+    assert running.total == 150
+    deleted = await sdk.bulk_delete(labels=[label])
+    assert (sorted(deleted.succeeded), deleted.failed) == (sorted(ids), [])
+    assert (await sdk.list(labels=[label])).total == 0
+
+
+@pytest.mark.anyio
+async def test_100_mb_upload_and_download_round_trip_byte_for_byte(
+    sdk: Sdk, new: New, tmp_path: Path
+) -> None:
+    source, target = tmp_path / "big.bin", tmp_path / "back" / "big.bin"
+    digest = hashlib.sha256()
+    with source.open("wb") as out:
+        for _ in range(100):
+            chunk = os.urandom(MB)
+            digest.update(chunk)
+            out.write(chunk)
+    sandbox = await started(sdk, new(memory_gb=0.5))
+    uploaded = await sdk.upload_file(sandbox.id, "/workspace/big.bin", str(source))
+    assert (uploaded.success, uploaded.size) == (True, 100 * MB)
+    inside = await sdk.execute_command(sandbox.id, "sha256sum /workspace/big.bin", timeout=120)
+    assert inside.stdout.split()[0] == digest.hexdigest()
+    await sdk.download_file(sandbox.id, "/workspace/big.bin", str(target))
+    assert sha256(target) == digest.hexdigest()
+    source.unlink()
+    target.unlink()
+
+
+# -- endpoint resolution ---------------------------------------------------------------
+
+
+def test_explicit_base_url_wins_over_environment_and_context(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETCTL_API_URL", "http://from-env.invalid")
+    monkeypatch.setenv("FLEETCTL_API_KEY", "env-key")
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "prime")
+    monkeypatch.setenv("PRIME_API_KEY", "prime-key")
+    endpoint = resolve(api_key="mine", base_url="http://explicit.invalid:9/api/v1/")
+    assert endpoint == Endpoint("http://explicit.invalid:9", "mine", "explicit")
+
+
+def test_fleetctl_api_url_and_key_from_the_environment_reach_the_server(
+    config: Path, monkeypatch: pytest.MonkeyPatch, server: Server
+) -> None:
+    monkeypatch.setenv("FLEETCTL_API_URL", f"{server.url}/api/v1")
+    monkeypatch.setenv("FLEETCTL_API_KEY", server.token)
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "prime")  # the environment wins over any context
+    assert resolve() == Endpoint(server.url, server.token, "environment")
+    with SandboxClient(APIClient()) as client:
+        assert client.list(labels=["t-sdk-nothing-has-this"]).total == 0
+
+
+def test_fleetctl_api_url_without_a_key_is_unauthorized_naming_fleetctl_api_key(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETCTL_API_URL", "http://from-env.invalid")
+    with pytest.raises(UnauthorizedError, match="FLEETCTL_API_KEY"):
+        resolve()
+    assert resolve(api_key="given").api_key == "given"
+
+
+def test_prime_context_reads_prime_api_key_and_base_url(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "prime")
+    with pytest.raises(UnauthorizedError, match="PRIME_API_KEY"):
+        resolve()
+    monkeypatch.setenv("PRIME_API_KEY", "prime-key")
+    assert resolve() == Endpoint(PRIME_DEFAULT_URL, "prime-key", "prime")
+    monkeypatch.setenv("PRIME_BASE_URL", "https://prime.invalid/")
+    assert resolve() == Endpoint("https://prime.invalid", "prime-key", "prime")
+
+
+def test_custom_context_from_the_config_file_reaches_the_server(
+    config: Path, monkeypatch: pytest.MonkeyPatch, server: Server
+) -> None:
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        f"contexts:\n  staging:\n    url: {server.url}\n    api_key_env: STAGING_KEY\n"
+        "current-context: staging\n"
+    )
+    with pytest.raises(UnauthorizedError, match="STAGING_KEY"):
+        resolve()
+    monkeypatch.setenv("STAGING_KEY", server.token)
+    assert resolve() == Endpoint(server.url, server.token, "staging")
+    with SandboxClient(APIClient()) as client:
+        assert client.list(labels=["t-sdk-nothing-has-this"]).total == 0
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "prime")  # the variable wins over current-context
+    monkeypatch.setenv("PRIME_API_KEY", "prime-key")
+    assert resolve().context == "prime"
+
+
+def test_unknown_context_is_an_api_error_listing_the_known_ones(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config.parent.mkdir(parents=True)
+    config.write_text("contexts:\n  staging:\n    url: http://staging.invalid\n")
+    monkeypatch.setenv("FLEETCTL_CONTEXT", "nowhere")
+    with pytest.raises(APIError) as caught:
+        resolve()
+    assert type(caught.value) is APIError
+    assert all(name in str(caught.value) for name in ("'nowhere'", "local", "prime", "staging"))
+
+
+def test_unparsable_config_file_is_an_api_error_naming_it(config: Path) -> None:
+    config.parent.mkdir(parents=True)
+    config.write_text("contexts: [\n")
+    with pytest.raises(APIError, match=re.escape(str(config))):
+        resolve()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "contexts: {staging: {api_key_env: STAGING_KEY}}\n",
+        "contexts: [staging]\n",
+        "contexts: {staging: http://staging.invalid}\n",
+    ],
+    ids=["no-url", "list", "string-entry"],
+)
+def test_malformed_context_entry_is_an_api_error_naming_the_file(
+    config: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    config.parent.mkdir(parents=True)
+    config.write_text(text + "current-context: staging\n")
+    monkeypatch.setenv("STAGING_KEY", "key")
+    with pytest.raises(APIError, match=re.escape(str(config))):
+        resolve()
+
+
+@needs_sandboxes
+def test_local_context_starts_the_server_once_saying_so_in_one_line(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with traversable_dir() as base:
+        data_dir = base / "data"
+        monkeypatch.setenv("FLEETCTL_DATA_DIR", str(data_dir))
+        capfd.readouterr()
+        try:
+            first = resolve()
+            announced = capfd.readouterr().err
+            second = resolve()
+            repeated = capfd.readouterr().err
+            with SandboxClient(APIClient()) as client:
+                listed = client.list()
+            token = (data_dir / "token").read_text().strip()
+        finally:
+            stopped = daemon.stop(data_dir)
+    assert stopped is not None
+    assert (first.context, first.api_key) == ("local", token)
+    assert announced.count("\n") == 1
+    assert announced.startswith("fleetctl: started")
+    assert first.base_url in announced
+    assert (second, repeated) == (first, "")
+    assert listed.total == 0
