@@ -27,6 +27,7 @@ from fleetctl.apply import live
 from fleetctl.apply.executor import Options, Result
 from fleetctl.apply.run import Prepared, apply_plan, make_plan, prepare
 from fleetctl.errors import FleetError, UsageError
+from fleetctl.plan import saved
 from fleetctl.plan.model import Action, Plan
 from fleetctl.plan.planner import Limits
 from fleetctl.sandboxes import (
@@ -193,25 +194,15 @@ MassDeleteOpt = Annotated[
 
 
 async def _plan(
-    client: AsyncSandboxClient,
-    specs: Sequence[Path],
-    var: Sequence[str] | None,
-    var_file: Sequence[str] | None,
-    limits: Limits,
+    client: AsyncSandboxClient, fleets: list[Fleet], limits: Limits
 ) -> tuple[Prepared, Plan]:
-    fleets = load_fleets(specs, var, var_file)
     prepared = prepare(fleets, client.api.endpoint.api_key)
     return prepared, await make_plan(client, prepared, limits)
 
 
-def _show_plan(the_plan: Plan, output: PlanFormat) -> None:
+def _show_plan(the_plan: Plan, fleets: list[Fleet], output: PlanFormat) -> None:
     if output is PlanFormat.json:
-        typer.echo(json.dumps({
-            "version": the_plan.version, "fleets": list(the_plan.fleets),
-            "live_fingerprint": the_plan.live_fingerprint, "refused": list(the_plan.refused),
-            "summary": the_plan.summary(),
-            "changes": [c.to_dict() for c in the_plan.changes],
-        }, indent=2))  # fmt: skip
+        typer.echo(json.dumps(saved.to_json(the_plan, fleets), indent=2))
         return
     for change in the_plan.changes:
         if change.action is not Action.noop:
@@ -236,16 +227,26 @@ def plan(
     ] = False,
     max_delete: MaxDeleteOpt = 0.5,
     allow_mass_delete: MassDeleteOpt = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Save the plan (JSON) for `fleetctl apply FILE` to apply."),
+    ] = None,
 ) -> None:
-    """Show what apply would change: + create, ± replace, ↻ recreate, - delete."""
+    """Show what apply would change: + create, ± replace, ↻ recreate, - delete.
+
+    Exit codes: 0 success (with --detailed-exitcode: no changes), 1 error,
+    2 changes present (with --detailed-exitcode).
+    """
+    fleets = load_fleets(specs, var, var_file)
 
     async def run() -> Plan:
         async with AsyncSandboxClient() as client:
-            limits = Limits(max_delete, allow_mass_delete)
-            return (await _plan(client, specs, var, var_file, limits))[1]
+            return (await _plan(client, fleets, Limits(max_delete, allow_mass_delete)))[1]
 
     the_plan = anyio.run(run)
-    _show_plan(the_plan, output)
+    _show_plan(the_plan, fleets, output)
+    if out is not None:
+        out.write_text(json.dumps(saved.to_json(the_plan, fleets), indent=2) + "\n")
     if detailed_exitcode and the_plan.has_changes:
         raise typer.Exit(2)
 
@@ -274,8 +275,16 @@ def apply(
 ) -> None:
     """Converge live sandboxes to the spec: create, replace and prune until live == spec.
 
-    Exit codes: 0 converged, 1 error, 3 partial failure (some sandboxes failed).
+    SPEC may also be a plan saved by `plan --out`: it is applied only if live
+    state is still what it was planned against. Exit codes: 0 converged, 1 error,
+    3 partial failure (some sandboxes failed, the rest converged).
     """
+    plan_file = specs[0] if len(specs) == 1 and saved.is_plan_file(specs[0]) else None
+    if plan_file is not None and (var or var_file):
+        raise UsageError("a saved plan was made with its variables; --var does not apply to it")
+    saved_plan, fleets = (
+        saved.load(plan_file) if plan_file else (None, load_fleets(specs, var, var_file))
+    )
 
     def emit(event: dict[str, Any]) -> None:
         if output is PlanFormat.json:
@@ -287,9 +296,11 @@ def apply(
     async def run() -> bool:
         async with AsyncSandboxClient() as client:
             limits = Limits(max_delete, allow_mass_delete)
-            prepared, the_plan = await _plan(client, specs, var, var_file, limits)
+            prepared, the_plan = await _plan(client, fleets, limits)
+            if saved_plan is not None:
+                saved.check_unchanged(saved_plan, the_plan)
             if output is PlanFormat.text:
-                _show_plan(the_plan, output)
+                _show_plan(the_plan, fleets, output)
             if the_plan.refused:
                 raise UsageError(
                     "refusing to apply: "

@@ -51,6 +51,13 @@ class DesiredSandbox:
     def to_dict(self) -> dict[str, Any]:
         """A display form with secrets redacted to their source (`<secret:from_env:NAME>`)."""
         return {
+            **self.to_record(),
+            "secrets": {name: ref.redacted() for name, ref in self.secrets.items()},
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """A lossless form for saved plans: secrets as their references, never values."""
+        return {
             "fleet": self.fleet,
             "key": self.key,
             "group": self.group,
@@ -63,12 +70,27 @@ class DesiredSandbox:
             "timeout_minutes": self.timeout_minutes,
             "network_access": self.network_access,
             "env": dict(self.env),
-            "secrets": {name: ref.redacted() for name, ref in self.secrets.items()},
+            "secrets": {name: ref.model_dump() for name, ref in self.secrets.items()},
             "labels": list(self.labels),
             "files": [f.model_dump() for f in self.files],
             "expose": [e.model_dump() for e in self.expose],
             "jobs": [j.model_dump() for j in self.jobs],
         }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> DesiredSandbox:
+        """The inverse of to_record (raises pydantic's ValidationError or KeyError)."""
+        return cls(
+            **{k: data[k] for k in ("fleet", "key", "group", "replica", "image",
+                                    "start_command", "cpu_cores", "memory_gb", "disk_size_gb",
+                                    "timeout_minutes", "network_access")},
+            env=dict(data["env"]),
+            secrets={n: SecretRef.model_validate(r) for n, r in data["secrets"].items()},
+            labels=tuple(data["labels"]),
+            files=tuple(FileSpec.model_validate(f) for f in data["files"]),
+            expose=tuple(Exposure.model_validate(e) for e in data["expose"]),
+            jobs=tuple(Job.model_validate(j) for j in data["jobs"]),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
