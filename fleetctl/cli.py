@@ -7,6 +7,7 @@ mapped to exit codes in exactly one place, `EXIT_CODES`, used by `main`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -26,6 +27,7 @@ from fleetctl import __version__
 from fleetctl.apply import live
 from fleetctl.apply.executor import Options, Result
 from fleetctl.apply.run import Prepared, apply_plan, make_plan, prepare
+from fleetctl.apply.status import SandboxState, fleet_status
 from fleetctl.errors import FleetError, UsageError
 from fleetctl.plan import saved
 from fleetctl.plan.model import Action, Plan
@@ -77,6 +79,12 @@ app = typer.Typer(
     "spec, usage, API), 2 changes present (plan --detailed-exitcode), 3 partial failure "
     "(apply: some sandboxes failed, the rest converged).",
 )
+
+
+class GetFormat(StrEnum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
 
 
 class RenderFormat(StrEnum):
@@ -388,6 +396,95 @@ def _confirm(yes: bool, question: str) -> None:
         raise typer.Abort
 
 
+@app.command(epilog="Example: fleetctl status specs/eval.yaml -o json")
+def status(
+    specs: SpecsArg,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+    output: Annotated[GetFormat, typer.Option("--output", "-o", help="Output format.")] = (
+        GetFormat.table
+    ),
+) -> None:
+    """Per sandbox of the fleets: status, age, exposures with URLs, each job's state."""
+    fleets = load_fleets(specs, var, var_file)
+
+    async def run() -> list[SandboxState]:
+        async with AsyncSandboxClient() as client:
+            return await fleet_status(client, fleets)
+
+    states = anyio.run(run)
+    if output is not GetFormat.table:
+        rows = [dataclasses.asdict(s) for s in states]
+        text = (
+            json.dumps(rows, indent=2) + "\n" if output is GetFormat.json else yaml.safe_dump(rows)
+        )
+        typer.echo(text, nl=False)
+        return
+    table = Table("SANDBOX", "ID", "STATUS", "AGE", "EXPOSED", "JOBS", box=None,
+                  header_style="bold")  # fmt: skip
+    for state in states:
+        age = "" if state.age_seconds is None else _age(timedelta(seconds=state.age_seconds))
+        jobs = " ".join(f"{j.name}:{j.state}" + (f"({j.exit_code})" if j.exit_code else "")
+                        for j in state.jobs)  # fmt: skip
+        table.add_row(f"{state.fleet}/{state.key}", state.id or "-", state.status, age,
+                      " ".join(state.exposures), jobs)  # fmt: skip
+    Console(width=200).print(table)
+
+
+class WaitFor(StrEnum):
+    ready = "ready"
+    jobs = "jobs"
+
+
+@app.command(epilog="Example: fleetctl wait specs/eval.yaml --for jobs --timeout 600")
+def wait(
+    specs: SpecsArg,
+    for_: Annotated[
+        WaitFor,
+        typer.Option("--for", help="ready: every sandbox RUNNING; jobs: every job finished."),
+    ] = WaitFor.ready,
+    timeout: Annotated[float, typer.Option("--timeout", min=0, help="Seconds.")] = 600,
+    var: VarOpt = None,
+    var_file: VarFileOpt = None,
+) -> None:
+    """Wait until the fleets are ready, or their jobs are done.
+
+    Exit codes: 0 done, 1 timed out or a sandbox failed, 3 a job failed.
+    """
+    fleets = load_fleets(specs, var, var_file)
+
+    async def run() -> list[SandboxState]:
+        async with AsyncSandboxClient() as client:
+            with anyio.move_on_after(timeout):
+                while True:
+                    states = await fleet_status(client, fleets)
+                    if _done(states, for_):
+                        return states
+                    await anyio.sleep(1.0)
+        raise FleetError(f"timed out after {timeout:g}s waiting for {for_.value}: "
+                         + ", ".join(f"{s.fleet}/{s.key} {s.status}" for s in states
+                                     if not _done([s], for_)))  # fmt: skip
+
+    states = anyio.run(run)
+    failed = [f"{s.fleet}/{s.key}:{j.name}" for s in states for j in s.jobs if j.state == "failed"]
+    if failed:
+        typer.echo(f"jobs failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(3)
+    typer.echo(f"{for_.value}: {len(states)} sandbox(es)")
+
+
+def _done(states: list[SandboxState], for_: WaitFor) -> bool:
+    for state in states:
+        if state.status in ("TERMINATED", "ERROR", "TIMEOUT"):
+            raise FleetError(f"{state.fleet}/{state.key} is {state.status}")
+        if state.status != "RUNNING":
+            return False
+        if for_ is WaitFor.jobs and any(j.state in ("running", "not started", "unknown")
+                                        for j in state.jobs):  # fmt: skip
+            return False
+    return True
+
+
 @app.command(epilog="Example: fleetctl schema > schemas/fleet.schema.json")
 def schema() -> None:
     """Print the JSON Schema of fleet specs (for editors and CI)."""
@@ -530,12 +627,6 @@ def server_status(data_dir: DataDirOpt = None) -> None:
         typer.echo(f"no server is running for {directory}")
         raise typer.Exit(1)
     typer.echo(f"running on {info.url} (pid {info.pid}, data dir {directory})")
-
-
-class GetFormat(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 @app.command(epilog="Example: fleetctl get -l team-research -o json")

@@ -141,6 +141,12 @@ async def execute(
     return result
 
 
+def job_handle(name: str, sandbox_id: str = "") -> BackgroundJob:
+    """A spec job's files: one fixed id per job name, so `status`, `wait` and later
+    applies find them again."""
+    return BackgroundJob.for_id(f"fleetctl-{name}", sandbox_id)
+
+
 def _ident(change: Change) -> tuple[str, str]:
     owner = change.after.fleet if change.after else change.before.fleet if change.before else ""
     return owner, change.key
@@ -228,7 +234,9 @@ async def _configure(client: AsyncSandboxClient, item: _Work, emit: Emit) -> Non
               "url": exposed.external_endpoint or exposed.url})  # fmt: skip
     for job in desired.jobs:
         started = await client.start_background_job(
-            sandbox_id, f"timeout {job.timeout_minutes * 60} sh -c {shlex.quote(job.command)}"
+            sandbox_id,
+            f"timeout {job.timeout_minutes * 60} sh -c {shlex.quote(job.command)}",
+            job_id=job_handle(job.name).job_id,
         )
         item.jobs.append((job.name, started))
         emit({"event": "job-started", "key": desired.key, "job": job.name})

@@ -305,20 +305,18 @@ class Operations:
         command: str,
         working_dir: str | None = None,
         env: Mapping[str, str] | None = None,
+        job_id: str | None = None,
     ) -> Op[BackgroundJob]:
         """Run `command` detached; its output and exit code go to files in /tmp.
 
         Works against any server with exec and read-file (the hosted cloud has no
-        job endpoints), and the job survives this client exiting.
+        job endpoints), and the job survives this client exiting. A `job_id` you
+        choose (letters, digits, - and _) lets another process find the job again.
         """
-        job_id = uuid.uuid4().hex[:12]
-        job = BackgroundJob(
-            job_id=job_id,
-            sandbox_id=sandbox_id,
-            stdout_log_file=f"/tmp/job_{job_id}.stdout.log",
-            stderr_log_file=f"/tmp/job_{job_id}.stderr.log",
-            exit_file=f"/tmp/job_{job_id}.exit",
-        )
+        job_id = job_id or uuid.uuid4().hex[:12]
+        if not job_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("job_id may hold only letters, digits, - and _")
+        job = BackgroundJob.for_id(job_id, sandbox_id)
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in (env or {}).items())
         cd = f"cd {shlex.quote(working_dir)} && " if working_dir else ""
         inner = (

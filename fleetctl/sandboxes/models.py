@@ -153,6 +153,15 @@ class BackgroundJob(BaseModel):
     stderr_log_file: str
     exit_file: str
 
+    @classmethod
+    def for_id(cls, job_id: str, sandbox_id: str) -> BackgroundJob:
+        """The files a job with this id writes (in /tmp inside the sandbox)."""
+        return cls(
+            job_id=job_id, sandbox_id=sandbox_id,
+            stdout_log_file=f"/tmp/job_{job_id}.stdout.log",
+            stderr_log_file=f"/tmp/job_{job_id}.stderr.log", exit_file=f"/tmp/job_{job_id}.exit",
+        )  # fmt: skip
+
 
 class BackgroundJobStatus(BaseModel):
     job_id: str

@@ -134,3 +134,21 @@ def test_prune_guard_refuses_until_allowed(spec: Path, capsys: pytest.CaptureFix
     )
     assert code == 0
     assert "- t-apply/worker-0" in out
+
+
+def test_status_and_wait_report_sandboxes_exposures_and_jobs(
+    spec: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "status", str(spec), "-o", "json")
+    assert code == 0
+    assert {(s["key"], s["status"]) for s in json.loads(out)} == {
+        ("web", "MISSING"), ("worker-0", "MISSING"), ("worker-1", "MISSING")}  # fmt: skip
+    assert run(capsys, "apply", str(spec), "--yes")[0] == 0
+    assert run(capsys, "wait", str(spec), "--for", "jobs", "--timeout", "60")[0] == 0
+    code, out, _ = run(capsys, "status", str(spec), "-o", "json")
+    states = {s["key"]: s for s in json.loads(out)}
+    assert states["worker-0"]["status"] == "RUNNING"
+    assert states["worker-0"]["jobs"] == [{"name": "count", "state": "succeeded", "exit_code": 0}]
+    assert states["web"]["exposures"][0].startswith("8000/HTTP→http://127.0.0.1:")
+    code, out, _ = run(capsys, "status", str(spec))
+    assert "count:succeeded" in out
