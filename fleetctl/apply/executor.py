@@ -11,6 +11,7 @@ from fleet, key, digest and the sandbox it replaces.
 from __future__ import annotations
 
 import shlex
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import anyio
 
 from fleetctl.plan.identity import idempotency_key, labels
-from fleetctl.plan.model import Action, Change, Plan
+from fleetctl.plan.model import Action, Change, InPlace, Plan
 from fleetctl.sandboxes import (
     APIError,
     AsyncSandboxClient,
@@ -33,6 +34,8 @@ from fleetctl.spec.expand import DesiredSandbox
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 SDK_ERRORS = (APIError, SandboxNotRunningError, RuntimeError)
+#: Inside each sandbox: "<content digest> <target>" per uploaded file of the spec.
+FILES_MARKER = "/tmp/.fleetctl-files"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class _Work:
     digest: str
     secrets: Mapping[str, str]
     sandbox_id: str | None = None
+    in_place: InPlace = field(default_factory=InPlace)
     jobs: list[tuple[str, BackgroundJob]] = field(default_factory=list)
 
 
@@ -72,15 +76,13 @@ async def execute(
     secrets: Mapping[tuple[str, str], Mapping[str, str]],
     options: Options,
     emit: Emit,
+    file_digests: Mapping[str, str] | None = None,
 ) -> Result:
     """Carry out `plan`; returns which keys succeeded and which failed (with why)."""
     started = time.monotonic()
     result = Result()
     limiter = anyio.CapacityLimiter(options.parallelism)
-    work = [
-        _Work(c, digests.get(_ident(c), ""), secrets.get(_ident(c), {}))
-        for c in plan.changes if c.action is not Action.noop
-    ]  # fmt: skip
+    work = [_work(c, digests, secrets) for c in plan.changes if c.action is not Action.noop]
 
     def fail(item: _Work, error: BaseException) -> None:
         result.failed[_label(item.change)] = str(error)
@@ -105,7 +107,7 @@ async def execute(
         emit({"event": "created", "key": item.change.key, "id": sandbox.id})
 
     async def configure(item: _Work) -> None:
-        await _configure(client, item, emit)
+        await _reconcile(client, item, file_digests or {}, emit)
 
     async def remove_old(item: _Work) -> None:
         await _remove(client, item, "replaced", emit)
@@ -122,6 +124,7 @@ async def execute(
     await _wait_ready(client, [w for w in creating if w.sandbox_id and
                                _label(w.change) not in result.failed], fail, emit)  # fmt: skip
     ready = [w for w in creating if w.sandbox_id and _label(w.change) not in result.failed]
+    ready += [w for w in work if w.change.action is Action.update]
     async with anyio.create_task_group() as group:
         for item in ready:
             group.start_soon(guarded, item, configure)
@@ -145,6 +148,22 @@ def job_handle(name: str, sandbox_id: str = "") -> BackgroundJob:
     """A spec job's files: one fixed id per job name, so `status`, `wait` and later
     applies find them again."""
     return BackgroundJob.for_id(f"fleetctl-{name}", sandbox_id)
+
+
+def _work(
+    change: Change,
+    digests: Mapping[tuple[str, str], str],
+    secrets: Mapping[tuple[str, str], Mapping[str, str]],
+) -> _Work:
+    ident = _ident(change)
+    item = _Work(change, digests.get(ident, ""), secrets.get(ident, {}))
+    if change.action is Action.update:
+        assert change.before is not None
+        item.sandbox_id, item.in_place = change.before.id, change.in_place
+    elif change.after is not None:  # a new sandbox gets everything
+        after = change.after
+        item.in_place = InPlace(expose=after.expose, upload=after.files, start_jobs=after.jobs)
+    return item
 
 
 def _ident(change: Change) -> tuple[str, str]:
@@ -212,27 +231,33 @@ async def _wait_ready(
         return
 
 
-async def _configure(client: AsyncSandboxClient, item: _Work, emit: Emit) -> None:
+async def _reconcile(
+    client: AsyncSandboxClient, item: _Work, file_digests: Mapping[str, str], emit: Emit
+) -> None:
+    """Make a ready sandbox match its spec in place: ports, files, jobs."""
     desired = item.change.after
     sandbox_id = item.sandbox_id
     assert desired is not None
     assert sandbox_id is not None
-    for spec in desired.files:
-        source = Path(spec.source)
-        sources = (
-            sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-        )
-        for path in sources:
-            target = spec.target if path == source else f"{spec.target}/{path.relative_to(source)}"
-            await client.upload_file(sandbox_id, target, str(path))
-        emit(
-            {"event": "uploaded", "key": desired.key, "source": spec.source, "target": spec.target}
-        )
-    for exposure in desired.expose:
+    todo = item.in_place
+    for exposure_id in todo.unexpose:
+        await client.unexpose(sandbox_id, exposure_id)
+        emit({"event": "unexposed", "key": desired.key, "exposure": exposure_id})
+    for exposure in todo.expose:
         exposed = await client.expose(sandbox_id, exposure.port, exposure.name, exposure.protocol)
         emit({"event": "exposed", "key": desired.key, "port": exposure.port,
               "url": exposed.external_endpoint or exposed.url})  # fmt: skip
-    for job in desired.jobs:
+    for spec in todo.upload:
+        source = Path(spec.source)
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for path in files:
+            target = spec.target if path == source else f"{spec.target}/{path.relative_to(source)}"
+            await client.upload_file(sandbox_id, target, str(path))
+        emit({"event": "uploaded", "key": desired.key, "source": spec.source,
+              "target": spec.target})  # fmt: skip
+    if todo.upload:
+        await _record_files(client, sandbox_id, desired, file_digests)
+    for job in todo.start_jobs:
         started = await client.start_background_job(
             sandbox_id,
             f"timeout {job.timeout_minutes * 60} sh -c {shlex.quote(job.command)}",
@@ -240,6 +265,20 @@ async def _configure(client: AsyncSandboxClient, item: _Work, emit: Emit) -> Non
         )
         item.jobs.append((job.name, started))
         emit({"event": "job-started", "key": desired.key, "job": job.name})
+
+
+async def _record_files(
+    client: AsyncSandboxClient,
+    sandbox_id: str,
+    desired: DesiredSandbox,
+    file_digests: Mapping[str, str],
+) -> None:
+    """Leave the uploaded files' digests in the sandbox, for the next plan to compare."""
+    lines = "".join(f"{file_digests.get(f.source, 'present')} {f.target}\n" for f in desired.files)
+    with tempfile.TemporaryDirectory() as scratch:
+        marker = Path(scratch) / "files"
+        marker.write_text(lines)
+        await client.upload_file(sandbox_id, FILES_MARKER, str(marker))
 
 
 async def _finish_jobs(

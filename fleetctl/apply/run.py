@@ -28,6 +28,7 @@ class Prepared:
     digests: dict[tuple[str, str], str]
     secrets: dict[tuple[str, str], dict[str, str]]
     fleets: tuple[str, ...]
+    file_digests: dict[str, str]
 
 
 def prepare(fleets: Sequence[Fleet], api_key: str) -> Prepared:
@@ -47,15 +48,31 @@ def prepare(fleets: Sequence[Fleet], api_key: str) -> Prepared:
             secrets[ident] = resolve(sandbox.secrets, spec_dir)
             digests[ident] = digest(sandbox, secrets[ident], secret_key)
             desired.append(sandbox)
-    return Prepared(tuple(desired), digests, secrets, tuple(f.name for f in fleets))
+    sources = {f.source for s in desired for f in s.files}
+    file_digests = {source: content_digest(Path(source)) for source in sources}
+    return Prepared(tuple(desired), digests, secrets, tuple(f.name for f in fleets), file_digests)
+
+
+def content_digest(source: Path) -> str:
+    """A digest of a file, or of every file under a directory with its relative path."""
+    hasher = hashlib.sha256()
+    paths = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    for path in paths:
+        hasher.update(str(path.relative_to(source) if source.is_dir() else "").encode() + b"\0")
+        hasher.update(path.read_bytes())
+    return hasher.hexdigest()[:16]
 
 
 async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limits) -> Plan:
-    owned = await live.owned(client, prepared.fleets)
-    return plan(prepared.desired, prepared.digests, owned, prepared.fleets, limits)
+    owned = await live.owned(client, prepared.fleets, facts=True)
+    return plan(
+        prepared.desired, prepared.digests, owned, prepared.fleets, limits, prepared.file_digests
+    )
 
 
 async def apply_plan(
     client: AsyncSandboxClient, prepared: Prepared, the_plan: Plan, options: Options, emit: Emit
 ) -> Result:
-    return await execute(the_plan, client, prepared.digests, prepared.secrets, options, emit)
+    return await execute(
+        the_plan, client, prepared.digests, prepared.secrets, options, emit, prepared.file_digests
+    )

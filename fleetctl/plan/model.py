@@ -2,6 +2,7 @@
 
     Action     create (+), replace (±), recreate (↻), delete (-), update (~), noop
     Change     (action, key, before, after, reason): one sandbox's change
+    InPlace    what an update does to a sandbox that stays (expose, upload, start job)
     Plan       the changes of one run, versioned for `plan -o json` and `--out`
 
 `reason` explains a change to people; it never decides anything.
@@ -9,12 +10,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from fleetctl.spec.expand import DesiredSandbox
+from fleetctl.spec.models import Exposure, FileSpec, Job
 
 PLAN_VERSION = 1
 
@@ -44,6 +47,32 @@ class LiveSandbox:
     status: str
     created_at: datetime
     labels: tuple[str, ...] = ()
+    #: What was read from inside a running sandbox (None: not read, e.g. not running):
+    #: exposures as (port, protocol) → exposure id, uploaded files as target → content
+    #: digest, and the spec jobs started in this sandbox's lifetime.
+    exposures: Mapping[tuple[int, str], str] | None = None
+    files: Mapping[str, str] | None = None
+    jobs_started: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InPlace:
+    """Changes made to a sandbox that stays: none of them needs a new sandbox."""
+
+    expose: tuple[Exposure, ...] = ()
+    unexpose: tuple[str, ...] = ()  # exposure ids
+    upload: tuple[FileSpec, ...] = ()
+    start_jobs: tuple[Job, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.expose or self.unexpose or self.upload or self.start_jobs)
+
+    def describe(self) -> str:
+        parts = [f"expose {e.port}/{e.protocol}" for e in self.expose]
+        parts += [f"unexpose {len(self.unexpose)} port(s)"] if self.unexpose else []
+        parts += [f"upload {f.target}" for f in self.upload]
+        parts += [f"start job {j.name}" for j in self.start_jobs]
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +82,7 @@ class Change:
     before: LiveSandbox | None
     after: DesiredSandbox | None
     reason: str
+    in_place: InPlace = field(default_factory=InPlace)
 
     def to_dict(self) -> dict[str, Any]:
         return {

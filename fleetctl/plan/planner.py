@@ -12,8 +12,9 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from fleetctl.plan.model import Action, Change, LiveSandbox, Plan
+from fleetctl.plan.model import Action, Change, InPlace, LiveSandbox, Plan
 from fleetctl.spec.expand import DesiredSandbox
+from fleetctl.spec.models import Exposure, FileSpec, Job
 
 FINAL = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
 ACTIVE_ORDER = {"RUNNING": 0, "PROVISIONING": 1, "PENDING": 2}
@@ -33,9 +34,14 @@ def plan(
     live: Iterable[LiveSandbox],
     fleets: Sequence[str],
     limits: Limits = Limits(),
+    file_digests: Mapping[str, str] | None = None,
 ) -> Plan:
     """Compare `desired` (with their `digests` by (fleet, key)) to the `live` sandboxes
-    of `fleets`; only sandboxes labelled for one of `fleets` are ever touched."""
+    of `fleets`; only sandboxes labelled for one of `fleets` are ever touched.
+
+    `file_digests` (local source → content digest) lets a sandbox that stays get
+    changed files uploaded again; without it, files are compared by presence.
+    """
     owned = [s for s in live if s.fleet in fleets]
     by_key: dict[tuple[str, str], list[LiveSandbox]] = {}
     for found in owned:
@@ -46,7 +52,7 @@ def plan(
         ident = (sandbox.fleet, sandbox.key)
         candidates = sorted(by_key.get(ident, []), key=_preference)
         current = candidates[0] if candidates else None
-        changes.append(_change(sandbox, digests[ident], current))
+        changes.append(_change(sandbox, digests[ident], current, file_digests or {}))
         changes += [
             Change(Action.delete, sandbox.key, extra, None, "duplicate of this key")
             for extra in candidates[1:]
@@ -67,7 +73,12 @@ def _preference(sandbox: LiveSandbox) -> tuple[int, str, str]:
     return ACTIVE_ORDER.get(sandbox.status, 9), sandbox.created_at.isoformat(), sandbox.id
 
 
-def _change(sandbox: DesiredSandbox, digest: str, current: LiveSandbox | None) -> Change:
+def _change(
+    sandbox: DesiredSandbox,
+    digest: str,
+    current: LiveSandbox | None,
+    file_digests: Mapping[str, str],
+) -> Change:
     if current is None:
         return Change(Action.create, sandbox.key, None, sandbox, "not running yet")
     if current.status in FINAL:
@@ -82,7 +93,32 @@ def _change(sandbox: DesiredSandbox, digest: str, current: LiveSandbox | None) -
             sandbox,
             f"settings changed (digest {current.digest} → {digest})",
         )
+    updates = in_place(sandbox, current, file_digests)
+    if updates:
+        return Change(Action.update, sandbox.key, current, sandbox, updates.describe(), updates)
     return Change(Action.noop, sandbox.key, current, sandbox, "up to date")
+
+
+def in_place(
+    sandbox: DesiredSandbox, current: LiveSandbox, file_digests: Mapping[str, str]
+) -> InPlace:
+    """What a sandbox that stays needs: only facts that were read are compared."""
+    expose: tuple[Exposure, ...] = ()
+    unexpose: tuple[str, ...] = ()
+    if current.exposures is not None:
+        wanted = {(e.port, e.protocol) for e in sandbox.expose}
+        expose = tuple(e for e in sandbox.expose if (e.port, e.protocol) not in current.exposures)
+        unexpose = tuple(i for k, i in sorted(current.exposures.items()) if k not in wanted)
+    upload: tuple[FileSpec, ...] = ()
+    if current.files is not None:
+        known = current.files
+        upload = tuple(
+            f for f in sandbox.files if known.get(f.target) != file_digests.get(f.source, "present")
+        )
+    jobs: tuple[Job, ...] = ()
+    if current.jobs_started is not None:
+        jobs = tuple(j for j in sandbox.jobs if j.name not in current.jobs_started)
+    return InPlace(expose, unexpose, upload, jobs)
 
 
 def _guard(

@@ -152,3 +152,37 @@ def test_status_and_wait_report_sandboxes_exposures_and_jobs(
     assert states["web"]["exposures"][0].startswith("8000/HTTP→http://127.0.0.1:")
     code, out, _ = run(capsys, "status", str(spec))
     assert "count:succeeded" in out
+
+
+def test_changed_files_ports_and_jobs_are_applied_in_place(
+    spec: Path, capsys: pytest.CaptureFixture[str], api: httpx.Client
+) -> None:
+    assert run(capsys, "apply", str(spec), "--yes", "--wait-jobs")[0] == 0
+    before = ids_by_name(api)
+    (spec.parent / "data" / "input.txt").write_text("changed\n")
+    text = spec.read_text().replace(
+        "expose: [{port: 8000}]", "expose: [{port: 8000}, {port: 9000, protocol: TCP}]"
+    )
+    spec.write_text(text)
+    code, out, _ = run(capsys, "plan", str(spec))
+    assert "~ t-apply/web" in out
+    assert "expose 9000/TCP" in out
+    assert "~ t-apply/worker-0" in out
+    assert "upload /workspace/data" in out
+    assert "Plan: 3 to update." in out
+    code, out, _ = run(capsys, "apply", str(spec), "--yes", "-o", "json")
+    assert code == 0
+    after = ids_by_name(api)
+    assert after == before  # updated in place: no sandbox was replaced
+    auth = api.post(f"/sandbox/{after['t-apply-worker-0']}/auth").json()
+    base = f"{auth['gateway_url']}/{auth['user_ns']}/{auth['job_id']}"
+    with httpx.Client(headers={"Authorization": f"Bearer {auth['token']}"}) as gw:
+        read = gw.get(f"{base}/read-file", params={"path": "/workspace/data/input.txt"})
+        content = read.json()["content"]
+    assert content == "changed\n"
+    assert run(capsys, "plan", str(spec), "--detailed-exitcode")[0] == 0
+
+
+def ids_by_name(api: httpx.Client) -> dict[str, str]:
+    listed = api.get("/sandbox", params={"labels": ["t-apply-fleet"]}).json()["sandboxes"]
+    return {s["name"]: s["id"] for s in listed}

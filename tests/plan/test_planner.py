@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from fleetctl.plan.model import Action, LiveSandbox
 from fleetctl.plan.planner import Limits, plan
 from fleetctl.spec.expand import DesiredSandbox
+from fleetctl.spec.models import Exposure, FileSpec, Job
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -112,3 +114,29 @@ def test_applying_a_plan_then_planning_again_changes_nothing(
                                                      Action.recreate)]  # fmt: skip
     second = plan(want, digests, after, ["f"], Limits(max_delete=1.0))
     assert not second.has_changes, second.changes
+
+
+def test_in_place_update_from_facts_read_inside_the_sandbox() -> None:
+    want = replace(
+        desired("a"),
+        expose=(Exposure(port=8000), Exposure(port=9000, protocol="TCP")),
+        files=(FileSpec(source="/src/a", target="/workspace/a"),
+               FileSpec(source="/src/b", target="/workspace/b")),
+        jobs=(Job(name="done", command="x"), Job(name="new", command="y")),
+    )  # fmt: skip
+    current = replace(
+        live("a"),
+        exposures={(8000, "HTTP"): "e1", (7000, "HTTP"): "e2"},
+        files={"/workspace/a": "old", "/workspace/b": "same"},
+        jobs_started=frozenset({"done"}),
+    )
+    result = plan([want], {("f", "a"): "d"}, [current], ["f"],
+                  file_digests={"/src/a": "new", "/src/b": "same"})  # fmt: skip
+    (change,) = result.changes
+    assert change.action is Action.update
+    assert (
+        change.reason == "expose 9000/TCP; unexpose 1 port(s); upload /workspace/a; start job new"
+    )
+    assert change.in_place.unexpose == ("e2",)
+    unknown = plan([want], {("f", "a"): "d"}, [live("a")], ["f"])  # facts not read: no guess
+    assert [c.action for c in unknown.changes] == [Action.noop]
