@@ -7,11 +7,12 @@ mapped to exit codes in exactly one place, `EXIT_CODES`, used by `main`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetctl import __version__
-from fleetctl.apply import live
+from fleetctl.apply import events, live
 from fleetctl.apply.executor import Options, Result
 from fleetctl.apply.run import Prepared, apply_plan, make_plan, prepare
 from fleetctl.apply.status import SandboxState, fleet_status
@@ -98,6 +99,11 @@ def _version(value: bool) -> None:
         raise typer.Exit
 
 
+class LogFormat(StrEnum):
+    console = "console"
+    json = "json"
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -106,8 +112,15 @@ def _root(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="Structured logs on stderr: console or json.")
+    ] = LogFormat.console,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More logs (-v info, -vv debug).")
+    ] = 0,
 ) -> None:
     """Declarative orchestrator for fleets of sandboxes."""
+    events.configure_logging(log_format.value, verbose)
 
 
 SpecsArg = Annotated[
@@ -294,12 +307,8 @@ def apply(
         saved.load(plan_file) if plan_file else (None, load_fleets(specs, var, var_file))
     )
 
-    def emit(event: dict[str, Any]) -> None:
-        if output is PlanFormat.json:
-            typer.echo(json.dumps(event))
-        else:
-            details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "key"))
-            typer.echo(f"{event['event']:>12} {event.get('key', '')} {details}".rstrip())
+    result = Result()
+    stats: dict[str, int] = {}
 
     async def run() -> bool:
         async with AsyncSandboxClient() as client:
@@ -319,12 +328,34 @@ def apply(
                 return True
             _confirm(yes, "apply these changes?")
             options = Options(parallelism=parallelism, wait_jobs=wait_jobs)
-            result = await apply_plan(client, prepared, the_plan, options, emit)
-            _summarise(result, client.api.stats, output)
+            stats.update(client.api.stats)
+            total = sum(c.action is not Action.noop for c in the_plan.changes)
+            with _printer(output, total) as show:
+                await apply_plan(client, prepared, the_plan, options,
+                                 events.fan_out(show, events.log_event), result)  # fmt: skip
+            stats.update(client.api.stats)
             return result.ok
 
-    if not anyio.run(run):
+    try:
+        converged = anyio.run(run)
+    except KeyboardInterrupt:
+        _summarise(result, stats, output)
+        typer.echo("Interrupted: work in flight was cancelled; run apply again to converge.",
+                   err=True)  # fmt: skip
+        raise typer.Exit(130) from None
+    if result.done or result.failed:
+        _summarise(result, stats, output)
+    if not converged:
         raise typer.Exit(3)
+
+
+@contextlib.contextmanager
+def _printer(output: PlanFormat, total: int) -> Iterator[Callable[[dict[str, Any]], None]]:
+    if output is PlanFormat.json:
+        yield events.ndjson
+    else:
+        with events.text_output(total) as show:
+            yield show
 
 
 def _summarise(result: Result, stats: dict[str, int], output: PlanFormat) -> None:
@@ -334,9 +365,16 @@ def _summarise(result: Result, stats: dict[str, int], output: PlanFormat) -> Non
             "seconds": round(result.elapsed, 2), **stats,
         }))  # fmt: skip
         return
-    typer.echo(f"Applied: {len(result.done)} changed, {len(result.failed)} failed in "
-               f"{result.elapsed:.1f}s ({stats['requests']} requests, {stats['retries']} "
-               f"retries, {stats['throttled']} throttled).")  # fmt: skip
+    table = Table("ACTION", "DONE", box=None, header_style="bold", title="Applied")
+    for action in Action:
+        count = sum(1 for a in result.done.values() if a == action.value)
+        if count:
+            table.add_row(f"{action.symbol} {action.value}", str(count))
+    table.add_row("failed", str(len(result.failed)))
+    Console().print(table)
+    counts = {name: stats.get(name, 0) for name in ("requests", "retries", "throttled")}
+    typer.echo(f"in {result.elapsed:.1f}s: {counts['requests']} requests, "
+               f"{counts['retries']} retries, {counts['throttled']} throttled (429)")  # fmt: skip
     for key, error in result.failed.items():
         typer.echo(f"failed: {key}: {error}", err=True)
 

@@ -77,10 +77,11 @@ async def execute(
     options: Options,
     emit: Emit,
     file_digests: Mapping[str, str] | None = None,
+    result: Result | None = None,
 ) -> Result:
     """Carry out `plan`; returns which keys succeeded and which failed (with why)."""
     started = time.monotonic()
-    result = Result()
+    result = result if result is not None else Result()
     limiter = anyio.CapacityLimiter(options.parallelism)
     work = [_work(c, digests, secrets) for c in plan.changes if c.action is not Action.noop]
 

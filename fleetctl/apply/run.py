@@ -71,8 +71,16 @@ async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limi
 
 
 async def apply_plan(
-    client: AsyncSandboxClient, prepared: Prepared, the_plan: Plan, options: Options, emit: Emit
+    client: AsyncSandboxClient,
+    prepared: Prepared,
+    the_plan: Plan,
+    options: Options,
+    emit: Emit,
+    result: Result | None = None,
 ) -> Result:
+    """Carry out the plan; `result` (if given) fills as work finishes, so an interrupted
+    run can still say what it did."""
     return await execute(
-        the_plan, client, prepared.digests, prepared.secrets, options, emit, prepared.file_digests
-    )
+        the_plan, client, prepared.digests, prepared.secrets, options, emit,
+        prepared.file_digests, result,
+    )  # fmt: skip
