@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -50,7 +51,7 @@ class RetryState:
         """Seconds to wait before trying again, or None to hand the response back."""
         if response.status_code == 429:
             self.throttled += 1
-            return self._within_deadline(_retry_after(response) or self._next_backoff())
+            return self._within_deadline(retry_after(response) or self._next_backoff())
         if response.status_code in RETRY_STATUSES and self.retryable:
             return self._failure()
         return None
@@ -80,7 +81,7 @@ class RetryState:
         return wait
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response) -> float | None:
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = response.headers.get(header)
         if value:
@@ -89,3 +90,68 @@ def _retry_after(response: httpx.Response) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+@dataclass(slots=True)
+class _Lane:
+    rate: float | None = None  # requests/s once throttled; None: not paced yet
+    next_at: float = 0.0
+    adjusted_at: float = float("-inf")
+    successes: list[float] = field(default_factory=list)
+
+
+class Pacer:
+    """Adaptive pacing shared by every request of one client, per endpoint class.
+
+    Until the first 429 nothing is paced (the server's burst is used). A 429 sets
+    the rate from the last second's successes (a token bucket holds one second of
+    tokens) and every later send of that class takes the next free slot, so many
+    waiting calls do not all come back at the same instant and meet another 429.
+    A 429 more than a second after the last adjustment slows down by 15%; each
+    second of successes speeds up a little.
+    """
+
+    SLOWDOWN = 0.85
+    SPEEDUP_PER_SECOND = 0.5
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lanes: dict[str, _Lane] = {}
+
+    def reserve(self, lane_name: str) -> float:
+        """Seconds to wait before sending; claims the slot (no await in between)."""
+        lane = self._lanes.setdefault(lane_name, _Lane())
+        if lane.rate is None:
+            return 0.0
+        now = self._clock()
+        at = max(now, lane.next_at)
+        lane.next_at = at + 1.0 / lane.rate
+        return at - now
+
+    def throttled(self, lane_name: str, retry_after: float | None) -> None:
+        lane = self._lanes.setdefault(lane_name, _Lane())
+        now = self._clock()
+        recent = [t for t in lane.successes if now - t <= 1.0]
+        # 429s of requests sent before the last adjustment say nothing new about it
+        if now - lane.adjusted_at > 1.0:
+            if lane.rate is None:
+                lane.rate = max(1.0, float(len(recent)))
+            else:
+                lane.rate = max(0.5, lane.rate * self.SLOWDOWN)
+            lane.adjusted_at = now
+        assert lane.rate is not None
+        lane.next_at = max(lane.next_at, now + (retry_after or 1.0 / lane.rate))
+
+    def succeeded(self, lane_name: str) -> None:
+        lane = self._lanes.setdefault(lane_name, _Lane())
+        now = self._clock()
+        if lane.rate is not None and lane.successes:
+            lane.rate += self.SPEEDUP_PER_SECOND * min(1.0, now - lane.successes[-1])
+        lane.successes = [t for t in lane.successes if now - t <= 1.0] + [now]
+
+
+def lane(method: str, path: str) -> str:
+    """The endpoint class a request is paced in (as servers rate-limit them)."""
+    if method == "POST" and path.rstrip("/").endswith("/sandbox"):
+        return "create"
+    return "exec" if path.endswith("/exec") else "default"

@@ -22,7 +22,7 @@ import httpx
 from fleetctl import __version__
 from fleetctl.sandboxes import errors
 from fleetctl.sandboxes._ops import Call, Op, Operations, Sleep
-from fleetctl.sandboxes._retry import RetryPolicy, RetryState
+from fleetctl.sandboxes._retry import Pacer, RetryPolicy, RetryState, lane, retry_after
 from fleetctl.sandboxes.config import Endpoint, resolve
 
 T = TypeVar("T")
@@ -46,6 +46,7 @@ class _Base:
         self.retry = retry or RetryPolicy()
         self._transport = transport
         self._rng = random.Random()
+        self.pacer = Pacer()
         self.stats = {"requests": 0, "retries": 0, "throttled": 0}
 
     def _client_args(self) -> dict[str, Any]:
@@ -77,6 +78,12 @@ class _Base:
     def _count(self, state: RetryState) -> None:
         self.stats["retries"] += state.failures
         self.stats["throttled"] += state.throttled
+
+    def _pace_after(self, call: Call, response: httpx.Response) -> None:
+        if response.status_code == 429:
+            self.pacer.throttled(lane(call.method, call.path), retry_after(response))
+        elif response.is_success:
+            self.pacer.succeeded(lane(call.method, call.path))
 
 
 @contextlib.contextmanager
@@ -116,6 +123,7 @@ class APIClient(_Base):
         state = self._state(call)
         with _translated(call):
             while True:
+                time.sleep(self.pacer.reserve(lane(call.method, call.path)))
                 try:
                     with contextlib.ExitStack() as stack:
                         args = {**self._request_args(call), **_multipart(call, stack)}
@@ -130,11 +138,13 @@ class APIClient(_Base):
                         raise
                     time.sleep(wait)
                     continue
+                self._pace_after(call, response)
                 wait = state.after_response(response)
                 if wait is None:
                     self._count(state)
                     return response
-                time.sleep(wait)
+                if response.status_code != 429:  # a 429's wait is the pacer's next slot
+                    time.sleep(wait)
 
     def _download(self, call: Call, args: dict[str, Any]) -> httpx.Response:
         with self._http.stream(call.method, call.path, **args) as response:
@@ -182,6 +192,7 @@ class AsyncAPIClient(_Base):
         state = self._state(call)
         with _translated(call):
             while True:
+                await anyio.sleep(self.pacer.reserve(lane(call.method, call.path)))
                 try:
                     with contextlib.ExitStack() as stack:
                         args = {**self._request_args(call), **_multipart(call, stack)}
@@ -196,11 +207,13 @@ class AsyncAPIClient(_Base):
                         raise
                     await anyio.sleep(wait)
                     continue
+                self._pace_after(call, response)
                 wait = state.after_response(response)
                 if wait is None:
                     self._count(state)
                     return response
-                await anyio.sleep(wait)
+                if response.status_code != 429:  # a 429's wait is the pacer's next slot
+                    await anyio.sleep(wait)
 
     async def _download(self, call: Call, args: dict[str, Any]) -> httpx.Response:
         async with self._http.stream(call.method, call.path, **args) as response:

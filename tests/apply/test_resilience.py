@@ -1,0 +1,362 @@
+"""apply / destroy stay exact when interrupted, raced, throttled and faulted, on real servers.
+
+Each scenario counts the fleet's sandboxes through the API by fleetctl's own
+label (`fleetctl.fleet=<fleet>`), so a duplicate or a leftover shows up as a
+wrong count. The servers here are extra ones with a rate limit (and faults),
+started for this module; the session server is not touched. The oracle
+(`control`) retries injected 5xx and resets itself, so it never shares a retry
+bug with the SDK under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from fleetctl.cli import main
+from fleetctl.plan.identity import KEY_LABEL, fleet_label
+from fleetctl.server.limits import FaultMiddleware, parse_faults
+from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+
+pytestmark = needs_sandboxes
+Event = dict[str, Any]
+FAULTS = "error=0.1,reset=0.05,seed=7,scope=control"
+
+
+@contextlib.contextmanager
+def extra_server(*flags: str) -> Iterator[Server]:
+    """A server of our own (stopped by its PID through `stop_server` after)."""
+    with traversable_dir() as base:
+        info, process = start_server(base / "data", *flags)
+        try:
+            yield info
+        finally:
+            stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def throttled() -> Iterator[Server]:
+    """Creates limited to 4/s: an apply of a dozen sandboxes takes seconds, not milliseconds."""
+    with extra_server("--rate-limit", "create=4/s") as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[Server]:
+    """Creates limited to 5/s, and 15% of control-plane requests answered 5xx or reset."""
+    with extra_server("--rate-limit", "create=5/s", "--faults", FAULTS) as info:
+        yield info
+
+
+def control(server: Server, method: str, path: str, **kwargs: Any) -> Any:
+    """One control-plane call, retried through injected 5xx and resets; its JSON body."""
+    deadline = time.monotonic() + 30
+    with server.client() as client:
+        while True:
+            try:
+                response = client.request(method, path, **kwargs)
+                if response.status_code < 500:
+                    assert response.is_success, response.text
+                    return response.json()
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{method} {path} kept failing for 30s"
+            time.sleep(0.05)
+
+
+async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:
+    raise AssertionError("only the fault decisions are replayed, no request is served")
+
+
+class FaultSequence:
+    """The `faulty` server's seeded decisions, replayed here: whether its request number
+    `index` (0-based, in arrival order) gets an injected error or reset."""
+
+    def __init__(self) -> None:
+        self._replay = FaultMiddleware(_never_called, parse_faults(FAULTS))
+        self._faulted: list[bool] = []
+
+    def faulted(self, index: int) -> bool:
+        while len(self._faulted) <= index:
+            # the server's own decision function, so the draws cannot drift from it
+            self._faulted.append(self._replay._decide().fault is not None)
+        return self._faulted[index]
+
+
+def steer(server: Server, *pattern: bool) -> int:
+    """Spend control-plane requests (fault-stats reads) until the server's next requests
+    will be faulted as `pattern` says (True: error or reset); the faults injected so far.
+
+    Only valid while nothing else talks to the server: each request draws the next fault.
+    """
+    sequence = FaultSequence()
+    deadline = time.monotonic() + 30
+    while True:
+        stats = control(server, "GET", "/_fleetctl/faults")  # counts itself in `requests`
+        upcoming = [sequence.faulted(stats["requests"] + i) for i in range(len(pattern))]
+        if upcoming == list(pattern):
+            return int(stats["error"] + stats["reset"])
+        assert time.monotonic() < deadline, f"no {pattern} in the fault sequence within 30s"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A one-group fleet spec on one server, and what is live for it there."""
+
+    server: Server
+    name: str
+    replicas: int
+    spec: Path
+
+    @property
+    def labels(self) -> list[str]:
+        return [fleet_label(self.name)]
+
+    def env(self) -> dict[str, str]:
+        """The environment of a `fleetctl` subprocess aimed at this fleet's server."""
+        return {
+            **os.environ,
+            "FLEETCTL_API_URL": self.server.url,
+            "FLEETCTL_API_KEY": self.server.token,
+        }
+
+    def live(self) -> list[dict[str, Any]]:
+        """Every (undeleted) sandbox carrying the fleet's label, whatever its status."""
+        found = control(
+            self.server, "GET", "/sandbox", params={"labels": self.labels, "per_page": 500}
+        )
+        assert found["total"] == len(found["sandboxes"]), found["total"]
+        return list(found["sandboxes"])
+
+    def keys(self) -> list[str]:
+        """The fleet keys of the live sandboxes, sorted; a duplicate appears twice."""
+        return sorted(
+            label.removeprefix(KEY_LABEL)
+            for s in self.live()
+            for label in s["labels"]
+            if label.startswith(KEY_LABEL)
+        )
+
+    def wanted(self) -> list[str]:
+        return sorted(f"worker-{i}" for i in range(self.replicas))
+
+    def wait_running(self, timeout: float = 30) -> list[dict[str, Any]]:
+        """Poll until every live sandbox of the fleet is RUNNING; fail at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.live()
+            statuses = sorted(s["status"] for s in found)
+            if set(statuses) == {"RUNNING"}:
+                return found
+            assert not {"TERMINATED", "ERROR", "TIMEOUT"} & set(statuses), statuses
+            assert time.monotonic() < deadline, f"not all RUNNING after {timeout}s: {statuses}"
+            time.sleep(0.05)
+
+
+MakeFleet = Callable[[Server, str, int], Fleet]
+
+
+@pytest.fixture
+def fleets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeFleet]:
+    """Write a fleet spec aimed at a server (env set for in-process CLI calls too); every
+    sandbox labelled for the fleets made is deleted after the test."""
+    made: list[Fleet] = []
+    monkeypatch.chdir(tmp_path)
+
+    def make(server: Server, name: str, replicas: int) -> Fleet:
+        monkeypatch.setenv("FLEETCTL_API_URL", server.url)
+        monkeypatch.setenv("FLEETCTL_API_KEY", server.token)
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(textwrap.dedent(f"""\
+            apiVersion: fleetctl/v1
+            kind: Fleet
+            name: {name}
+            labels: [{name}-fleet]
+            defaults: {{image: python:3.11-slim, memory_gb: 0.25, network_access: false}}
+            sandboxes:
+              - name: worker
+                replicas: {replicas}
+            """))  # fmt: skip
+        made.append(Fleet(server, name, replicas, spec))
+        return made[-1]
+
+    yield make
+    for fleet in made:
+        control(fleet.server, "DELETE", "/sandbox", json={"labels": fleet.labels})
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ndjson(out: str) -> list[Event]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def summary(events: list[Event]) -> Event:
+    assert events, "apply printed no events"
+    assert events[-1]["event"] == "summary", events[-1]
+    return events[-1]
+
+
+def spawn_apply(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
+    """`fleetctl apply SPEC --yes -o json` as a subprocess: NDJSON on a pipe, stderr to `log`."""
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fleetctl", "apply", str(fleet.spec), "--yes", "-o", "json"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=fleet.env(),
+            cwd=fleet.spec.parent,
+        )
+
+
+def read_events(
+    process: subprocess.Popen[bytes], until: Callable[[list[Event]], bool], timeout: float
+) -> list[Event]:
+    """Read NDJSON events from `process` until `until(events)` holds, failing at the deadline
+    or if the output ends first (never blocks past the deadline on a silent process)."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    events: list[Event] = []
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while not until(events):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"condition not met within {timeout}s; events: {events}"
+            if not selector.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            assert chunk, f"output ended (exit {process.wait()}) first; events: {events}"
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            events += [json.loads(line) for line in lines if line.strip()]
+    return events
+
+
+def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, list[Event]]:
+    """Wait for a subprocess apply; its exit code and every event it printed."""
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, ndjson(out.decode())
+
+
+@contextlib.contextmanager
+def reaped(*processes: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill (by PID) whichever of our subprocesses still runs when the block exits."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+            if process.stdout is not None:
+                process.stdout.close()
+
+
+def test_apply_killed_midway_then_rerun_converges_to_exactly_the_replicas(
+    throttled: Server, fleets: MakeFleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """SIGKILL while creates are in flight leaves a partial fleet; the re-run creates only
+    what is missing (idempotency keys and live labels), so no key gets two sandboxes."""
+    fleet = fleets(throttled, "t-resil-kill", 12)
+    process = spawn_apply(fleet, tmp_path / "killed.log")
+    with reaped(process):
+        seen = read_events(process, lambda e: any(x["event"] == "created" for x in e), 30)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    assert all(e["event"] != "summary" for e in seen), seen
+    partial = len(fleet.live())
+    assert 1 <= partial < fleet.replicas, f"the kill did not land midway: {partial} live"
+
+    code, out, err = run(capsys, "apply", str(fleet.spec), "--yes", "-o", "json")
+    assert code == 0, out + err
+    assert summary(ndjson(out))["failed"] == 0
+    assert fleet.keys() == fleet.wanted()  # each key exactly once: no duplicate
+    assert len(fleet.wait_running()) == fleet.replicas
+    assert run(capsys, "plan", str(fleet.spec), "--detailed-exitcode")[:2] == (
+        0, "Plan: no changes.\n")  # fmt: skip
+
+
+def test_two_concurrent_applies_of_one_spec_make_each_sandbox_once(
+    throttled: Server, fleets: MakeFleet, tmp_path: Path
+) -> None:
+    """Two applies racing on one fleet (creates throttled, so their creates of the same
+    keys overlap) get the same sandbox per key back; whatever either reported still exists."""
+    fleet = fleets(throttled, "t-resil-race", 8)
+    first = spawn_apply(fleet, tmp_path / "first.log")
+    second = spawn_apply(fleet, tmp_path / "second.log")
+    with reaped(first, second):
+        results = [finish(first, 60), finish(second, 60)]
+    logs = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
+    assert [code for code, _ in results] == [0, 0], (results, logs)
+    for _, events in results:
+        assert not events or summary(events)["failed"] == 0, events  # no events: no changes
+    assert fleet.keys() == fleet.wanted()  # each key exactly once: no duplicate
+    live = {s["id"] for s in fleet.wait_running()}
+    created = [(e["key"], e["id"]) for _, events in results for e in events
+               if e["event"] == "created"]  # fmt: skip
+    assert {sandbox_id for _, sandbox_id in created} <= live, (created, live)
+    assert len(dict(created)) == len(set(created)), f"a key got two ids: {created}"
+
+
+def test_apply_under_throttling_and_faults_creates_every_sandbox_once(
+    faulty: Server, fleets: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """429s and injected 5xx/resets are retried (creates are keyed), so the apply fully
+    succeeds with exactly one sandbox per key, and says it had to retry or wait."""
+    fleet = fleets(faulty, "t-resil-faults", 20)
+    code, out, err = run(capsys, "apply", str(fleet.spec), "--yes", "-o", "json")
+    assert code == 0, out + err
+    events = ndjson(out)
+    done = summary(events)
+    assert done["failed"] == 0, [e for e in events if e["event"] == "failed"]
+    assert done["changed"] == 20
+    assert done["throttled"] > 0 or done["retries"] > 0, done
+    assert sorted(e["key"] for e in events if e["event"] == "created") == fleet.wanted()
+    assert fleet.keys() == fleet.wanted()
+    assert len(fleet.wait_running()) == 20
+    code, out, err = run(capsys, "plan", str(fleet.spec), "--detailed-exitcode")
+    assert (code, out) == (0, "Plan: no changes.\n"), err
+    faults = control(faulty, "GET", "/_fleetctl/faults")
+    assert faults["error"] + faults["reset"] > 0, faults  # the faults really struck
+
+
+def test_destroy_by_spec_and_by_label_leave_nothing_under_faults(
+    faulty: Server, fleets: MakeFleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """destroy SPEC and destroy -l LABEL each delete every sandbox of the fleet though a
+    fault strikes their listing (by spec) or their bulk delete (by label): both retried."""
+    fleet = fleets(faulty, "t-resil-destroy", 5)
+    by_spec = ([str(fleet.spec)], (True,))  # the list of the fleet's sandboxes is faulted
+    by_label = (["-l", f"{fleet.name}-fleet"], (False, True))  # the bulk delete is faulted
+    for target, pattern in (by_spec, by_label):
+        code, out, err = run(capsys, "apply", str(fleet.spec), "--yes")
+        assert code == 0, out + err
+        assert fleet.keys() == fleet.wanted()
+        struck = steer(faulty, *pattern)
+        code, out, err = run(capsys, "destroy", *target, "--yes")
+        faults = control(faulty, "GET", "/_fleetctl/faults")
+        assert faults["error"] + faults["reset"] >= struck + sum(pattern), "no fault struck"
+        assert code == 0, out + err
+        assert "Destroy: 5 sandbox(es)." in out
+        assert "Destroyed 5; 0 failed." in out
+        assert fleet.live() == [], target
