@@ -235,7 +235,7 @@ class Runtime:
             child.kill()
             child.wait()
             if cgroup is not None:
-                cgroup.remove()
+                _until(cgroup.remove)
             raise RuntimeFailure(f"sandbox failed to start: {self.tail_log(spec.id, 400)}")
         init_pid = int(json.loads(info)["child-pid"])
         self._children[spec.id] = child
