@@ -135,7 +135,10 @@ class Pacer:
         # 429s of requests sent before the last adjustment say nothing new about it
         if now - lane.adjusted_at > 1.0:
             if lane.rate is None:
-                lane.rate = max(1.0, float(len(recent)))
+                # a drained token bucket's Retry-After is about 1/rate; the last
+                # second's successes are about its size (the burst)
+                hinted = 1.0 / retry_after if retry_after else 0.0
+                lane.rate = max(1.0, float(len(recent)), hinted)
             else:
                 lane.rate = max(0.5, lane.rate * self.SLOWDOWN)
             lane.adjusted_at = now
