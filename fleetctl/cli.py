@@ -46,6 +46,7 @@ from fleetctl.server.daemon import (
     DEFAULT_PORT,
     ServerOptions,
     default_data_dir,
+    restart,
     running,
     serve,
     start_background,
@@ -646,6 +647,22 @@ def server_start(
     typer.echo(
         f"fleetctl server running on {info.url} (pid {info.pid}, data dir {options.directory})"
     )
+
+
+@server_app.command("restart", epilog="Example: fleetctl server restart")
+def server_restart(
+    host: HostOpt = DEFAULT_HOST,
+    port: PortOpt = DEFAULT_PORT,
+    data_dir: DataDirOpt = None,
+    image_policy: ImagePolicyOpt = ImagePolicyChoice.host,
+    rate_limit: RateLimitOpt = "",
+    faults: FaultsOpt = "",
+    timeout_scale: TimeoutScaleOpt = 1.0,
+) -> None:
+    """Restart the background server; running sandboxes, jobs and exposures survive."""
+    options = _server_options(host, port, data_dir, image_policy, rate_limit, faults, timeout_scale)
+    info = restart(options)
+    typer.echo(f"fleetctl server running on {info.url} (pid {info.pid}); sandboxes kept")
 
 
 @server_app.command("stop", epilog="Example: fleetctl server stop")

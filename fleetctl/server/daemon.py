@@ -243,6 +243,16 @@ def start_background(options: ServerOptions) -> ServerInfo:
     )
 
 
+def restart(options: ServerOptions) -> ServerInfo:
+    """Stop the background server without stopping its sandboxes, and start it again:
+    the new server adopts every sandbox still running (e.g. after an upgrade)."""
+    data_dir = options.directory
+    if running(data_dir) is not None:
+        (data_dir / "restarting").touch()
+        stop(data_dir)
+    return start_background(options)
+
+
 def stop(data_dir: Path) -> ServerInfo | None:
     """Stop the background server (it stops and removes all its sandboxes first)."""
     try:

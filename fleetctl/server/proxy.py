@@ -46,14 +46,20 @@ def connect_in_netns(netns_pid: int, port: int) -> socket.socket:
 class Forwarder:
     """Forwards every connection on a host port to a port inside one sandbox."""
 
-    def __init__(self, netns_pid: int, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, netns_pid: int, port: int, host: str = "127.0.0.1", listen_port: int = 0
+    ) -> None:
         self.netns_pid = netns_pid
         self.port = port
         self.host = host
+        self.listen_port = listen_port
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen on an ephemeral port (reported through task_status) until cancelled."""
-        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=0)
+        """Listen (on `listen_port`, or an ephemeral one: reported through task_status)
+        until cancelled."""
+        listener = await anyio.create_tcp_listener(
+            local_host=self.host, local_port=self.listen_port
+        )
         async with listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
             task_status.started(port)

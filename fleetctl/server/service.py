@@ -13,7 +13,7 @@ import random
 import re
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -93,6 +93,12 @@ class SandboxService:
         """Start background work in `group`: cleanup of leftovers, then the monitor."""
         self._group = group
         await anyio.to_thread.run_sync(self.reclaim)
+        for exposure in self.store.exposures():
+            try:
+                await self._serve_exposure(exposure)
+            except OSError as exc:  # its port was taken while the server was down
+                log.warning("dropping exposure %s: %s", exposure.id, exc)
+                self.store.remove_exposure(exposure.id)
         group.start_soon(self._monitor, monitor_interval)
 
     async def _monitor(self, interval: float) -> None:
@@ -104,26 +110,43 @@ class SandboxService:
             await anyio.sleep(interval)
 
     def reclaim(self) -> None:
-        """Remove what a previous server left: live sandboxes it can no longer serve,
-        and directories or cgroups without a record."""
+        """Take over what a previous server left (it was killed, or restarted).
+
+        Sandboxes still running are adopted: their environment is read back from
+        their main process, and their exposures are served again. Sandboxes that
+        died meanwhile become TERMINATED with the reason; a create that was cut
+        short is cleaned up; directories and cgroups without a record are removed.
+        """
         live, _ = self.store.query(active_only=True, include_deleted=True)
         for record in live:
-            self.runtime.destroy(_handle(record), record.id)
-            self.store.update(
-                record.id,
-                status="TERMINATED",
-                terminated_at=self.clock(),
-                termination_reason="the server restarted; sandboxes do not survive a restart",
-            )
+            handle = _handle(record)
+            if record.status == "RUNNING" and handle and self.runtime.alive(handle):
+                self._env[record.id] = self.runtime.environment(handle)
+                continue
+            reason = (
+                "its processes ended while the server was down" if record.status == "RUNNING"
+                else "the server stopped while it was being created"
+            )  # fmt: skip
+            self.runtime.destroy(handle, record.id)
+            self.store.update(record.id, status="TERMINATED", terminated_at=self.clock(),
+                              termination_reason=reason)  # fmt: skip
+            for exposure in self.store.exposures(record.id):
+                self.store.remove_exposure(exposure.id)
         for sandbox_id in self.runtime.known_ids():
             found = self.store.get(sandbox_id)
             if found is None or found.status in api.FINAL_STATUSES:
                 self.runtime.destroy(_handle(found), sandbox_id)
-        for exposure in self.store.exposures():
-            self.store.remove_exposure(exposure.id)
+
+    def restart_marker(self) -> Path:
+        """While this file exists, stopping the server leaves sandboxes running."""
+        return self.settings.data_dir / "restarting"
 
     async def shutdown(self) -> None:
-        """Stop every live sandbox (the server is going away)."""
+        """Stop every live sandbox (the server is going away), unless it is restarting:
+        then they keep running and the next server adopts them."""
+        if self.restart_marker().exists():
+            self.restart_marker().unlink()
+            return
         records, _ = self.store.query(active_only=True)
         for record in records:
             await self._finish(record.id, "TERMINATED", reason="the server stopped")
@@ -460,26 +483,30 @@ class SandboxService:
         _, handle = self.running(sandbox_id)
         if any(e.port == request.port for e in self.store.exposures(sandbox_id)):
             raise Refused(f"port {request.port} is already exposed for sandbox {sandbox_id}")
+        exposure = ExposureRecord(
+            id=secrets.token_hex(8), sandbox_id=sandbox_id, port=request.port,
+            name=request.name, protocol=request.protocol, listen_port=0, created_at=self.clock(),
+        )  # fmt: skip
+        exposure = replace(exposure, listen_port=await self._serve_exposure(exposure, handle))
+        self.store.add_exposure(exposure)
+        return exposure
+
+    async def _serve_exposure(self, exposure: ExposureRecord, handle: Handle | None = None) -> int:
+        """Start the host listener of an exposure (on its recorded port when it has one,
+        so URLs survive a server restart); returns the port."""
+        if handle is None:
+            handle = self.running(exposure.sandbox_id)[1]
         assert self._group is not None
         scope = anyio.CancelScope()
+        forwarder = Forwarder(handle.init_pid, exposure.port, listen_port=exposure.listen_port)
 
         async def serve(*, task_status: anyio.abc.TaskStatus[int]) -> None:
             with scope:
-                await Forwarder(handle.init_pid, request.port).serve(task_status=task_status)
+                await forwarder.serve(task_status=task_status)
 
-        listen_port = await self._group.start(serve)
-        exposure = ExposureRecord(
-            id=secrets.token_hex(8),
-            sandbox_id=sandbox_id,
-            port=request.port,
-            name=request.name,
-            protocol=request.protocol,
-            listen_port=listen_port,
-            created_at=self.clock(),
-        )
+        listen_port: int = await self._group.start(serve)
         self._forwarders[exposure.id] = scope
-        self.store.add_exposure(exposure)
-        return exposure
+        return listen_port
 
     def exposures(self, sandbox_id: str) -> list[ExposureRecord]:
         self.get(sandbox_id)

@@ -130,34 +130,90 @@ def test_doctor_reports_isolation_features(capsys: pytest.CaptureFixture[str]) -
     assert os.geteuid() == 0 or "problem:" in out
 
 
-def test_a_killed_server_leaks_nothing_after_the_next_start(
+def start(
     capsys: pytest.CaptureFixture[str], data_dir: Path
-) -> None:
+) -> tuple[dict[str, Any], httpx.Client]:
     assert run(capsys, "server", "start", "--port", "0", "--data-dir", str(data_dir))[0] == 0
     info = json.loads((data_dir / "server.json").read_text())
     headers = {"Authorization": f"Bearer {(data_dir / 'token').read_text().strip()}"}
-    with httpx.Client(base_url=f"{info['url']}/api/v1", headers=headers) as api:
-        sandbox_id = api.post(
-            "/sandbox", json={"name": "orphan", "docker_image": "x", "memory_gb": 0.5}
-        ).json()["id"]
-        deadline = time.monotonic() + 30
-        while api.get(f"/sandbox/{sandbox_id}").json()["status"] != "RUNNING":
-            assert time.monotonic() < deadline
-        runtime = sqlite_runtime(data_dir, sandbox_id)
-    os.kill(info["pid"], signal.SIGKILL)
-    wait_gone(info["pid"])
-    assert process_alive(runtime["init_pid"]), "the sandbox should outlive a killed server"
-    assert run(capsys, "server", "start", "--port", "0", "--data-dir", str(data_dir))[0] == 0
+    return info, httpx.Client(base_url=f"{info['url']}/api/v1", headers=headers)
+
+
+def exec_in(api: httpx.Client, sandbox_id: str, command: str) -> httpx.Response:
+    auth = api.post(f"/sandbox/{sandbox_id}/auth").json()
+    with httpx.Client(headers={"Authorization": f"Bearer {auth['token']}"}) as gw:
+        url = f"{auth['gateway_url']}/{auth['user_ns']}/{auth['job_id']}/exec"
+        return gw.post(url, json={"command": command})
+
+
+def running_sandbox(api: httpx.Client, **fields: Any) -> str:
+    body = {"name": "adopt", "docker_image": "x", "memory_gb": 0.5, **fields}
+    sandbox_id = str(api.post("/sandbox", json=body).json()["id"])
+    deadline = time.monotonic() + 30
+    while api.get(f"/sandbox/{sandbox_id}").json()["status"] != "RUNNING":
+        assert time.monotonic() < deadline
+    return sandbox_id
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "restart"])
+def test_sandboxes_jobs_and_exposures_survive_a_server_restart(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, how: str
+) -> None:
+    info, api = start(capsys, data_dir)
     try:
-        info = json.loads((data_dir / "server.json").read_text())
-        with httpx.Client(base_url=f"{info['url']}/api/v1", headers=headers) as api:
-            record = api.get(f"/sandbox/{sandbox_id}").json()
+        sandbox_id = running_sandbox(
+            api, secrets={"TOKEN": "sk-adopt"},
+            start_command="python3 -m http.server 8000 --bind 127.0.0.1",
+        )  # fmt: skip
+        exposure = api.post(f"/sandbox/{sandbox_id}/expose", json={"port": 8000}).json()
+        job = ("nohup sh -c 'while [ ! -e /tmp/go ]; do sleep 0.05; done; echo done > /tmp/out' "
+               "</dev/null >/dev/null 2>&1 &")  # fmt: skip
+        assert exec_in(api, sandbox_id, job).status_code == 200
+        if how == "SIGKILL":
+            os.kill(info["pid"], signal.SIGKILL)
+            wait_gone(info["pid"])
+            api.close()
+            info, api = start(capsys, data_dir)
+        else:
+            assert run(capsys, "server", "restart", "--port", "0", "--data-dir",
+                       str(data_dir))[0] == 0  # fmt: skip
+            api.close()
+            info = json.loads((data_dir / "server.json").read_text())
+            api = httpx.Client(base_url=f"{info['url']}/api/v1", headers=dict(api.headers))
+        assert api.get(f"/sandbox/{sandbox_id}").json()["status"] == "RUNNING"
+        assert exec_in(api, sandbox_id, "echo $TOKEN").json()["stdout"] == "sk-adopt\n"
+        exec_in(api, sandbox_id, "touch /tmp/go")
+        deadline = time.monotonic() + 20
+        while exec_in(api, sandbox_id, "cat /tmp/out").json()["stdout"] != "done\n":
+            assert time.monotonic() < deadline, "the job did not survive the restart"
+        with httpx.Client(timeout=5) as web:
+            assert web.get(exposure["url"]).status_code == 200  # same URL as before
+    finally:
+        api.close()
+        run(capsys, "server", "stop", "--data-dir", str(data_dir))
+    assert not (data_dir / "sandboxes" / sandbox_id).exists()
+
+
+def test_sandboxes_that_died_while_the_server_was_down_are_terminated_with_a_reason(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    info, api = start(capsys, data_dir)
+    try:
+        sandbox_id = running_sandbox(api)
+        runtime = sqlite_runtime(data_dir, sandbox_id)
+        os.kill(info["pid"], signal.SIGKILL)
+        wait_gone(info["pid"])
+        os.kill(runtime["init_pid"], signal.SIGKILL)  # its pid 1: the whole sandbox dies
+        wait_gone(runtime["init_pid"])
+        api.close()
+        info, api = start(capsys, data_dir)
+        record = api.get(f"/sandbox/{sandbox_id}").json()
         assert record["status"] == "TERMINATED"
-        assert "restarted" in record["terminationReason"]
-        assert not process_alive(runtime["init_pid"])
+        assert record["terminationReason"] == "its processes ended while the server was down"
         assert not (data_dir / "sandboxes" / sandbox_id).exists()
         assert not any(Path(p).exists() for p in runtime["cgroup_paths"])
     finally:
+        api.close()
         run(capsys, "server", "stop", "--data-dir", str(data_dir))
 
 

@@ -324,6 +324,17 @@ class Runtime:
         except OSError:
             return False
 
+    def environment(self, handle: Handle) -> dict[str, str]:
+        """The sandbox's environment (secrets included), read back from its main process
+        after a server restart; never stored anywhere by the server."""
+        try:
+            children = Path(f"/proc/{handle.init_pid}/task/{handle.init_pid}/children").read_text()
+            raw = Path(f"/proc/{children.split()[0]}/environ").read_bytes()
+        except (OSError, IndexError):
+            return {}
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+        return {k.decode(): v.decode("utf-8", "replace") for k, _, v in pairs}
+
     def exit_code(self, handle: Handle) -> int | None:
         """The main process's exit code once it ended, from bwrap's status file."""
         try:
