@@ -92,9 +92,17 @@ def test_apply_converges_then_plans_nothing_then_changes_exactly_what_changed(
 
     listed = api.get("/sandbox", params={"labels": ["t-apply-fleet"]}).text
     assert CANARY not in listed
+    # run() asserts the canary is in no output: get, status, and verbose JSON logs
+    assert run(capsys, "get", "-l", "t-apply-fleet", "-o", "json")[0] == 0
+    assert run(capsys, "status", str(spec), "-o", "yaml")[0] == 0
+    assert run(capsys, "-vv", "plan", str(spec), "-o", "json", "--var", "workers=2")[0] == 0
+    code, _, logs = run(capsys, "-vv", "--log-format", "json", "apply", str(spec), "--yes",
+                        "--var", "workers=2")  # fmt: skip
+    assert code == 0
+    assert '"event": "deleted"' in logs  # the structured logs were really written
     code, out, _ = run(capsys, "destroy", "-l", "t-apply-fleet", "--yes")
     assert code == 0
-    assert "Destroyed 4" in out
+    assert "Destroyed 3" in out
     assert api.get("/sandbox", params={"labels": ["t-apply-fleet"]}).json()["total"] == 0
 
 
