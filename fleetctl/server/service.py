@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -39,6 +40,7 @@ log = logging.getLogger("fleetctl.server")
 ImagePolicy = Literal["host", "strict"]
 
 TOKEN_TTL = timedelta(hours=1)
+DISK_CHECK_SECONDS = 2.0
 DELETED_RETENTION = timedelta(hours=1)
 PIDS_LIMIT = 1024
 READ_FILE_MAX = 16 * 1024 * 1024
@@ -85,6 +87,7 @@ class SandboxService:
         self._tokens: dict[str, tuple[str, datetime]] = {}
         self._forwarders: dict[str, anyio.CancelScope] = {}
         self._provisioning = anyio.CapacityLimiter(8)
+        self._next_disk_check = 0.0
         self._group: TaskGroup | None = None
 
     # -- lifetime of the service -------------------------------------------------
@@ -318,9 +321,15 @@ class SandboxService:
             await anyio.to_thread.run_sync(self.runtime.destroy, _handle(record), sandbox_id)
 
     async def tick(self) -> None:
-        """One pass of the monitor: end sandboxes that exited, ran out of memory or time."""
+        """One pass of the monitor: end sandboxes that exited, ran out of memory, time or
+        disk."""
         now = self.clock()
         records, _ = self.store.query(status="RUNNING")
+        if time.monotonic() >= self._next_disk_check:
+            self._next_disk_check = time.monotonic() + DISK_CHECK_SECONDS
+            for record in records:
+                await self._check_disk(record)
+            records, _ = self.store.query(status="RUNNING")
         for record in records:
             handle = _handle(record)
             if handle is None:
@@ -362,6 +371,18 @@ class SandboxService:
         handles = [h for h in map(_handle, records) if h is not None]
         if handles:
             self.runtime.kill(rng.choice(handles))
+
+    async def _check_disk(self, record: SandboxRecord) -> None:
+        """disk_size_gb is enforced by measurement: a sandbox past it is stopped with a
+        clear error (no per-sandbox filesystem quota is available on every host)."""
+        limit = float(record.request["disk_size_gb"]) * 1024**3
+        used = await anyio.to_thread.run_sync(self.runtime.disk_usage, record.id)
+        if used > limit:
+            await self._finish(
+                record.id, "ERROR", error_type="DISK_LIMIT_EXCEEDED",
+                message=f"the sandbox wrote {used / 1024**3:.2f} GB, past its disk_size_gb "
+                f"of {record.request['disk_size_gb']}",
+            )  # fmt: skip
 
     def logs(self, sandbox_id: str) -> str:
         self.get(sandbox_id)

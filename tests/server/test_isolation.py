@@ -552,18 +552,17 @@ def test_fork_bomb_stops_at_the_pids_limit_and_spares_the_server_and_other_sandb
     assert cgroup_dirs(bomber["id"]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="disk_size_gb is accepted and echoed but never enforced: /workspace and the "
-    "overlay's upper layer are plain directories on the data dir's filesystem, so one "
-    "sandbox can fill the disk that state.db and every other sandbox live on",
-)
-def test_writes_past_disk_size_gb_fail(running: Running) -> None:
-    """A sandbox of 0.01 GB cannot write 64 MiB into /workspace (a small, safe overrun)."""
+def test_writing_past_disk_size_gb_stops_the_sandbox_with_a_clear_error(
+    api: httpx.Client, running: Running
+) -> None:
+    """disk_size_gb is enforced by measurement: a sandbox of 0.01 GB that writes 64 MiB
+    (a small, safe overrun) is stopped as ERROR / DISK_LIMIT_EXCEEDED, its files removed."""
     record, gw = running(disk_size_gb=0.01)
     assert record["diskSizeGB"] == 0.01
-    result = run(gw, "head -c 64M /dev/zero > /workspace/fill")
-    assert result["exit_code"] != 0, "64 MiB written into a 10 MB sandbox"
+    run(gw, "head -c 64M /dev/urandom > /workspace/fill")
+    final = wait_for(api, record["id"], "ERROR")
+    assert final["errorType"] == "DISK_LIMIT_EXCEEDED"
+    assert "past its disk_size_gb of 0.01" in final["errorMessage"]
 
 
 def test_sandbox_sees_only_its_own_processes(running: Running) -> None:

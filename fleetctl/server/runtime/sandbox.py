@@ -335,6 +335,16 @@ class Runtime:
         pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
         return {k.decode(): v.decode("utf-8", "replace") for k, _, v in pairs}
 
+    def disk_usage(self, sandbox_id: str) -> int:
+        """Bytes the sandbox wrote: its upper layer and /workspace (blocks actually used)."""
+        total = 0
+        for top in ("upper", "workspace"):
+            for root, _, files in os.walk(self.sandbox_dir(sandbox_id) / top):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, name)).st_blocks * 512
+        return total
+
     def exit_code(self, handle: Handle) -> int | None:
         """The main process's exit code once it ended, from bwrap's status file."""
         try:
