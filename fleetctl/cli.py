@@ -697,8 +697,12 @@ def get(
     ),
 ) -> None:
     """List sandboxes, newest first (starts the local server on first use)."""
-    with SandboxClient() as client:
-        sandboxes = list_all(client, label or [])
+
+    async def run() -> list[Sandbox]:
+        async with AsyncSandboxClient() as client:
+            return await live.list_all(client, label or [])
+
+    sandboxes = anyio.run(run)
     rows = [s.model_dump(mode="json", by_alias=False) for s in sandboxes]
     if output is GetFormat.json:
         typer.echo(json.dumps(rows, indent=2))
@@ -716,18 +720,6 @@ def get(
                 ",".join(sandbox.labels),
             )
         Console().print(table)
-
-
-def list_all(client: SandboxClient, labels: Sequence[str]) -> list[Sandbox]:
-    """Every sandbox with all `labels`, following pagination."""
-    found: list[Sandbox] = []
-    page = 1
-    while True:
-        batch = client.list(labels=list(labels), page=page, per_page=100)
-        found += batch.sandboxes
-        if not batch.has_next:
-            return found
-        page += 1
 
 
 def _age(delta: timedelta) -> str:
