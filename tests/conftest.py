@@ -28,6 +28,15 @@ import pytest
 from fleetctl.server.runtime.host import probe
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-long",
+        action="store_true",
+        default=False,
+        help="run the reliability scenarios at full size (10 rounds of 100 sandboxes)",
+    )
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
