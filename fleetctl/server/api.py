@@ -71,6 +71,11 @@ class CreateSandbox(_Request):
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_env(value)
 
+    @field_validator("idempotency_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: str | None) -> str | None:
+        return value or None  # "" means no key, not one key shared by every such create
+
 
 class BulkDelete(_Request):
     sandbox_ids: list[str] | None = None

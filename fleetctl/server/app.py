@@ -78,7 +78,10 @@ def create_app(  # noqa: PLR0915 - one closure per route keeps routes next to th
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), api_key.encode()):
             raise Unauthorized("invalid or missing API key")
 
-    def gateway(job_id: str, authorization: Annotated[str | None, Header()] = None) -> str:
+    def gateway(
+        user_ns: str, job_id: str, authorization: Annotated[str | None, Header()] = None
+    ) -> str:
+        del user_ns  # one namespace here; declared so the OpenAPI document names it
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not service.token_valid(job_id, token):
             raise Unauthorized("invalid or expired gateway token for this sandbox")
@@ -107,7 +110,7 @@ def create_app(  # noqa: PLR0915 - one closure per route keeps routes next to th
         response_model_by_alias=True,
     )
     def list_sandboxes(
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
         per_page: Annotated[int, Query(ge=1, le=500)] = 50,
         labels: Annotated[list[str] | None, Query()] = None,
         status: str | None = None,

@@ -127,7 +127,7 @@ class Store:
     def insert(self, record: SandboxRecord) -> SandboxRecord:
         """Insert a new sandbox; if its idempotency key exists, return that sandbox instead."""
         with self._tx() as db:
-            if record.idempotency_key:
+            if record.idempotency_key is not None:
                 row = db.execute(
                     "SELECT * FROM sandboxes WHERE idempotency_key = ?", (record.idempotency_key,)
                 ).fetchone()

@@ -191,3 +191,10 @@ def test_deleting_a_sandbox_releases_its_idempotency_key(
     again = sandboxes(name="idem-del", idempotency_key="key-released-on-delete")
     assert again["id"] != first["id"]
     assert again["status"] in ("PENDING", "PROVISIONING", "RUNNING")
+
+
+def test_an_empty_idempotency_key_is_no_key(api: httpx.Client, sandboxes: Create) -> None:
+    """Found by schemathesis: two creates with key "" were a 500 (UNIQUE constraint)."""
+    first = sandboxes(name="empty-key", idempotency_key="")
+    second = sandboxes(name="empty-key", idempotency_key="")
+    assert first["id"] != second["id"]
