@@ -440,10 +440,13 @@ class SandboxService:
         async with self.runtime.enter(handle, script, path) as process:
             assert process.stdin is not None
             assert process.stderr is not None
-            async for chunk in chunks:
-                size += len(chunk)
-                await process.stdin.send(chunk)
-            await process.stdin.aclose()
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    await process.stdin.send(chunk)
+                await process.stdin.aclose()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the writer exited early (cannot create the file): its stderr says why
             error = b"".join([chunk async for chunk in process.stderr])
             await process.wait()
         if process.returncode:

@@ -6,13 +6,25 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, needs_sandboxes]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """A server of its own: the fuzzer leaves hundreds of odd sandboxes behind."""
+    with traversable_dir() as base:
+        info, process = start_server(base / "data")
+        try:
+            yield info
+        finally:
+            stop_server(process)
 
 
 def test_no_input_makes_a_server_error_and_responses_match_the_schema(

@@ -132,3 +132,12 @@ def test_env_values_are_data_never_code(running: Running) -> None:
         assert body["stdout"] == f"{env['X']}|it's $(touch /tmp/base-ran)", body
     assert gw.exec("ls /tmp").json()["stdout"] == ""
     assert gw.exec("true", env={"BAD NAME": "x"}).status_code == 422
+
+
+def test_upload_the_sandbox_cannot_write_is_a_400_even_when_large(running: Running) -> None:
+    """The writer exits before the body is sent (a race that was a 500): still a 400."""
+    _, gw = running()
+    big = b"\0" * (8 * 1024 * 1024)  # past any pipe buffer, so the early exit is certain
+    response = gw.client.post("upload", params={"path": "/etc/passwd"}, files={"file": big})
+    assert response.status_code == 400
+    assert "Permission denied" in response.json()["detail"]
