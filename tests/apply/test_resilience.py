@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
@@ -32,6 +30,7 @@ from fleetctl.cli import main
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
 from fleetctl.server.limits import FaultMiddleware, parse_faults
 from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+from tests.reliability.scenarios import control, read_events
 
 pytestmark = needs_sandboxes
 Event = dict[str, Any]
@@ -61,22 +60,6 @@ def faulty() -> Iterator[Server]:
     """Creates limited to 5/s, and 15% of control-plane requests answered 5xx or reset."""
     with extra_server("--rate-limit", "create=5/s", "--faults", FAULTS) as info:
         yield info
-
-
-def control(server: Server, method: str, path: str, **kwargs: Any) -> Any:
-    """One control-plane call, retried through injected 5xx and resets; its JSON body."""
-    deadline = time.monotonic() + 30
-    with server.client() as client:
-        while True:
-            try:
-                response = client.request(method, path, **kwargs)
-                if response.status_code < 500:
-                    assert response.is_success, response.text
-                    return response.json()
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{method} {path} kept failing for 30s"
-            time.sleep(0.05)
 
 
 async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:
@@ -226,30 +209,6 @@ def spawn_apply(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
             env=fleet.env(),
             cwd=fleet.spec.parent,
         )
-
-
-def read_events(
-    process: subprocess.Popen[bytes], until: Callable[[list[Event]], bool], timeout: float
-) -> list[Event]:
-    """Read NDJSON events from `process` until `until(events)` holds, failing at the deadline
-    or if the output ends first (never blocks past the deadline on a silent process)."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    events: list[Event] = []
-    buffer = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while not until(events):
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"condition not met within {timeout}s; events: {events}"
-            if not selector.select(remaining):
-                continue
-            chunk = os.read(fd, 65536)
-            assert chunk, f"output ended (exit {process.wait()}) first; events: {events}"
-            *lines, buffer = (buffer + chunk).split(b"\n")
-            events += [json.loads(line) for line in lines if line.strip()]
-    return events
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, list[Event]]:
