@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable
 
 import anyio
 import httpx
@@ -54,6 +54,7 @@ from fleetctl.plan.model import Action
 from fleetctl.plan.planner import Limits
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
 from fleetctl.spec import load
+from tests.conftest import start_server, stop_server
 
 FLEET = "bench-apply"
 IMAGE = "python:3.11-slim"
@@ -140,34 +141,6 @@ class Run:
     replan_s: float = 0.0
     replan_summary: str = ""
     replan_wire: Counter[str] = field(default_factory=Counter)
-
-
-def start_server(data_dir: Path, rate: float) -> tuple[subprocess.Popen[bytes], str, str]:
-    argv = [sys.executable, "-m", "fleetctl", "server", "--port", "0"]
-    argv += ["--data-dir", str(data_dir), "--rate-limit", f"create={rate:g}/s"]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with code {process.returncode}")
-        try:
-            url = json.loads((data_dir / "server.json").read_text())["url"]
-            if httpx.get(f"{url}/api/v1/health").status_code == 200:
-                return process, str(url), (data_dir / "token").read_text().strip()
-        except (OSError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.02)
-    process.kill()
-    process.wait()
-    raise SystemExit("server did not start")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def client_for(url: str, token: str) -> AsyncSandboxClient:
@@ -303,7 +276,8 @@ def main() -> None:
     process: subprocess.Popen[bytes] | None = None
     destroyed: tuple[int, int] = (0, 0)
     try:
-        process, url, token = start_server(base / "data", args.rate)
+        info, process = start_server(base / "data", "--rate-limit", f"create={args.rate:g}/s")
+        url, token = info.url, info.token
         try:
             start_s = anyio.run(probe_start, url, token)
             time.sleep(REFILL_S)

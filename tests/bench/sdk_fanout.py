@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,11 +39,14 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable
+
 import httpx
 import prime_sandboxes
 
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
 from fleetctl.server.limits import classify
+from tests.conftest import start_server, stop_server
 
 IMAGE = "python:3.11-slim"
 STEPS = ("create", "wait", "exec", "delete")
@@ -256,38 +257,6 @@ async def sweep(url: str, token: str, labels: Sequence[str]) -> dict[str, int]:
     return left
 
 
-def start(data_dir: Path, rate: float) -> tuple[subprocess.Popen[bytes], str, str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetctl",
-            "server",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--rate-limit",
-            f"create={rate:g}/s",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with code {process.returncode}")
-        try:
-            url = json.loads((data_dir / "server.json").read_text())["url"]
-            if httpx.get(f"{url}/api/v1/health").status_code == 200:
-                return process, str(url), (data_dir / "token").read_text().strip()
-        except (OSError, ValueError, KeyError, httpx.HTTPError):
-            time.sleep(0.02)
-    process.kill()
-    process.wait()
-    raise SystemExit("server did not start")
-
-
 def report(result: Result) -> None:
     per_step = Counter(result.failed.values())
     steps = " ".join(f"{s} {result.step_s.get(s, 0.0):.2f}" for s in STEPS)
@@ -326,12 +295,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20, help="server create limit per second")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
-    data_dir = Path(tempfile.mkdtemp(prefix="fleetctl-fanout-", dir="/tmp"))
-    data_dir.chmod(0o711)
+    base = Path(tempfile.mkdtemp(prefix="fleetctl-fanout-", dir="/tmp"))
+    base.chmod(0o711)
     home = Path(tempfile.mkdtemp(prefix="fleetctl-fanout-home-", dir="/tmp"))
     process: subprocess.Popen[bytes] | None = None
     try:
-        process, url, token = start(data_dir, args.rate)
+        info, process = start_server(base / "data", "--rate-limit", f"create={args.rate:g}/s")
+        url, token = info.url, info.token
         try:
             ours = asyncio.run(run_ours(url, token, args.n))
             time.sleep(REFILL_S)  # same API key: let the create bucket refill for official
@@ -340,13 +310,8 @@ def main() -> None:
             leftovers = asyncio.run(sweep(url, token, ["bench-ours", "bench-official"]))
     finally:
         if process is not None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        shutil.rmtree(data_dir, ignore_errors=True)
+            stop_server(process)
+        shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
     print(
         f"n={args.n} per SDK, server --rate-limit create={args.rate:g}/s, {os.cpu_count()} CPUs, "
