@@ -337,14 +337,9 @@ class SandboxService:
             deadline = (record.started_at or record.created_at) + timedelta(
                 minutes=int(record.request["timeout_minutes"]) * self.settings.timeout_scale
             )
-            if self.runtime.oom_kills(handle):
-                await self._finish(
-                    record.id,
-                    "ERROR",
-                    error_type="OOM_KILLED",
-                    message="the sandbox ran out of memory",
-                )
-            elif now >= deadline:
+            if await self._end_if_oom(record.id, handle):
+                continue
+            if now >= deadline:
                 await self._finish(
                     record.id,
                     "TIMEOUT",
@@ -425,12 +420,19 @@ class SandboxService:
         return result
 
     async def _check_oom(self, record: SandboxRecord, handle: Handle) -> None:
-        """An OOM kill ends the sandbox (as the cloud does); the caller sees it not running."""
-        if self.runtime.oom_kills(handle):
-            await self._finish(
-                record.id, "ERROR", error_type="OOM_KILLED", message="the sandbox ran out of memory"
-            )
+        """After an exec: an OOM kill ends the sandbox; the caller sees it not running."""
+        if await self._end_if_oom(record.id, handle):
             raise NotRunning(self.get(record.id))
+
+    async def _end_if_oom(self, sandbox_id: str, handle: Handle) -> bool:
+        """An OOM kill anywhere in the sandbox ends it as ERROR/OOM_KILLED (as the cloud's
+        container does); True if it did."""
+        if not self.runtime.oom_kills(handle):
+            return False
+        await self._finish(
+            sandbox_id, "ERROR", error_type="OOM_KILLED", message="the sandbox ran out of memory"
+        )
+        return True
 
     async def upload(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream `chunks` into the file `path` (parents created); returns the size written."""
