@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 import anyio
@@ -21,10 +21,16 @@ FACTS_SCRIPT = (
 
 
 async def owned(
-    client: AsyncSandboxClient, fleets: Sequence[str], *, facts: bool = False
+    client: AsyncSandboxClient,
+    fleets: Sequence[str],
+    *,
+    facts: bool = False,
+    look_inside: Collection[tuple[str, str]] = (),
 ) -> list[LiveSandbox]:
-    """Every sandbox labelled for one of `fleets` (all pages); with `facts`, what runs
-    inside each RUNNING one too (exposures, uploaded files, started jobs)."""
+    """Every sandbox labelled for one of `fleets` (all pages); with `facts`, also each
+    RUNNING one's exposures, and, for the (fleet, key)s in `look_inside` (those whose
+    spec has files or jobs), the files uploaded and jobs started inside it. The others
+    cannot need an upload or a job, so the exec into them is skipped."""
     found: list[LiveSandbox] = []
     for fleet in fleets:
         for sandbox in await list_all(client, [fleet_label(fleet)]):
@@ -41,7 +47,8 @@ async def owned(
     async with anyio.create_task_group() as group:
         for index, known in enumerate(found):
             if known.status == "RUNNING":
-                group.start_soon(_read_facts, client, found, index, limiter)
+                inside = (known.fleet, known.key) in look_inside
+                group.start_soon(_read_facts, client, found, index, limiter, inside)
     return found
 
 
@@ -50,18 +57,22 @@ async def _read_facts(
     found: list[LiveSandbox],
     index: int,
     limiter: anyio.CapacityLimiter,
+    inside: bool,
 ) -> None:
     sandbox = found[index]
     async with limiter:
         try:
             ports = await client.list_exposed_ports(sandbox.id)
-            listing = await client.execute_command(sandbox.id, FACTS_SCRIPT, timeout=30)
+            listing = (
+                (await client.execute_command(sandbox.id, FACTS_SCRIPT, timeout=30)).stdout
+                if inside else ""
+            )  # fmt: skip
         except (APIError, SandboxNotRunningError):
             return  # facts stay unknown: the planner then compares nothing in place
     exposures = {(e.port, e.protocol or "HTTP"): e.exposure_id for e in ports.exposures}
     files: dict[str, str] = {}
     jobs: set[str] = set()
-    for line in listing.stdout.splitlines():
+    for line in listing.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "job":
             jobs.add(rest)

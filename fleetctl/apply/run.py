@@ -64,7 +64,8 @@ def content_digest(source: Path) -> str:
 
 
 async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limits) -> Plan:
-    owned = await live.owned(client, prepared.fleets, facts=True)
+    inside = {(s.fleet, s.key) for s in prepared.desired if s.files or s.jobs}
+    owned = await live.owned(client, prepared.fleets, facts=True, look_inside=inside)
     return plan(
         prepared.desired, prepared.digests, owned, prepared.fleets, limits, prepared.file_digests
     )
