@@ -120,6 +120,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
+def own_server(*flags: str) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
+    """A server of a test's own on a fresh data dir, stopped by its PID after (unless the
+    test already killed it)."""
+    with traversable_dir() as base:
+        info, process = start_server(base / "data", *flags)
+        try:
+            yield info, process
+        finally:
+            if process.poll() is None:
+                stop_server(process)
+
+
+@contextlib.contextmanager
 def traversable_dir() -> Iterator[Path]:
     """A temp dir sandbox uids can traverse (pytest's own base is 0700), removed after."""
     path = Path(tempfile.mkdtemp(prefix="fleetctl-test-", dir="/tmp"))

@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 from fleetctl.cli import main
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
 from fleetctl.server.limits import FaultMiddleware, parse_faults
-from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+from tests.conftest import Server, needs_sandboxes, own_server
 from tests.reliability.scenarios import control, read_events
 
 pytestmark = needs_sandboxes
@@ -40,12 +40,8 @@ FAULTS = "error=0.1,reset=0.05,seed=7,scope=control"
 @contextlib.contextmanager
 def extra_server(*flags: str) -> Iterator[Server]:
     """A server of our own (stopped by its PID through `stop_server` after)."""
-    with traversable_dir() as base:
-        info, process = start_server(base / "data", *flags)
-        try:
-            yield info
-        finally:
-            stop_server(process)
+    with own_server(*flags) as (info, _):
+        yield info
 
 
 @pytest.fixture(scope="module")

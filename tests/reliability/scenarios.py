@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
-from tests.conftest import Server, start_server, stop_server, traversable_dir
+from tests.conftest import Server, own_server, start_server, stop_server, traversable_dir
 
 Event = dict[str, Any]
 FAULTS = "error=0.1,reset=0.05,seed=7,scope=control"
@@ -80,13 +80,8 @@ class Tally:
 @contextlib.contextmanager
 def extra_server(*flags: str) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     """A server of our own on a fresh data dir; SIGTERMed by PID after unless already dead."""
-    with traversable_dir() as base:
-        info, process = start_server(base / "data", *flags)
-        try:
-            yield info, process
-        finally:
-            if process.poll() is None:
-                stop_server(process)
+    with own_server(*flags) as started:
+        yield started
 
 
 def control(server: Server, method: str, path: str, **kwargs: Any) -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+from tests.conftest import Server, needs_sandboxes, own_server
 
 pytestmark = [pytest.mark.reliability, needs_sandboxes]
 
@@ -19,12 +19,8 @@ pytestmark = [pytest.mark.reliability, needs_sandboxes]
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """A server of its own: the fuzzer leaves hundreds of odd sandboxes behind."""
-    with traversable_dir() as base:
-        info, process = start_server(base / "data")
-        try:
-            yield info
-        finally:
-            stop_server(process)
+    with own_server() as (info, _):
+        yield info
 
 
 def test_no_input_makes_a_server_error_and_responses_match_the_schema(

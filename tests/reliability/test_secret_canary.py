@@ -11,28 +11,24 @@ import httpx
 import pytest
 
 from fleetctl.cli import main
-from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+from tests.conftest import Server, needs_sandboxes, own_server
 
 pytestmark = [pytest.mark.reliability, needs_sandboxes]
 CANARY = "sk-CANARY-5e1f0c9b7a"
 
 
 @pytest.fixture
-def own_server() -> Iterator[Server]:
-    with traversable_dir() as base:
-        info, process = start_server(base / "data")
-        try:
-            yield info
-        finally:
-            stop_server(process)
+def canary_server() -> Iterator[Server]:
+    with own_server() as (info, _):
+        yield info
 
 
 def test_the_canary_is_nowhere_but_inside_its_sandbox(
-    own_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    canary_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    monkeypatch.setenv("FLEETCTL_API_URL", own_server.url)
-    monkeypatch.setenv("FLEETCTL_API_KEY", own_server.token)
+    monkeypatch.setenv("FLEETCTL_API_URL", canary_server.url)
+    monkeypatch.setenv("FLEETCTL_API_KEY", canary_server.token)
     monkeypatch.setenv("CANARY_SOURCE", CANARY)
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "fleet.yaml"
@@ -61,8 +57,8 @@ def test_the_canary_is_nowhere_but_inside_its_sandbox(
     seen.append((tmp_path / "plan.json").read_text())
     assert not [text for text in seen if CANARY in text], "the CLI printed or saved the secret"
 
-    headers = {"Authorization": f"Bearer {own_server.token}"}
-    with httpx.Client(base_url=f"{own_server.url}/api/v1", headers=headers) as api:
+    headers = {"Authorization": f"Bearer {canary_server.token}"}
+    with httpx.Client(base_url=f"{canary_server.url}/api/v1", headers=headers) as api:
         sandboxes = api.get("/sandbox").json()["sandboxes"]
         ids = {s["name"]: s["id"] for s in sandboxes}
         reads = [api.get("/sandbox").text]
@@ -94,9 +90,9 @@ def test_the_canary_is_nowhere_but_inside_its_sandbox(
         except OSError:
             continue
     assert not [c for c in host_processes if CANARY in c], "a host process's argv holds it"
-    holder_dirs = {own_server.data_dir / "sandboxes" / ids["canary-holder"]}
+    holder_dirs = {canary_server.data_dir / "sandboxes" / ids["canary-holder"]}
     leaked = [
-        str(path) for path in own_server.data_dir.rglob("*")
+        str(path) for path in canary_server.data_dir.rglob("*")
         if path.is_file() and not any(d in path.parents for d in holder_dirs)
         and CANARY.encode() in path.read_bytes()
     ]  # fmt: skip

@@ -52,7 +52,7 @@ from fleetctl.sandboxes import (
 from fleetctl.sandboxes.config import PRIME_DEFAULT_URL, Endpoint, resolve
 from fleetctl.server import daemon
 from fleetctl.server.runtime.host import probe
-from tests.conftest import Server, needs_sandboxes, start_server, stop_server, traversable_dir
+from tests.conftest import Server, needs_sandboxes, own_server, traversable_dir
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -327,13 +327,9 @@ def sdk(connect: Connect, flavor: Flavor) -> Sdk:
 def extra_server(*flags: str) -> Iterator[Server]:
     if not probe().can_run:
         pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
-    with traversable_dir() as base:
-        info, process = start_server(base / "data", *flags)
-        try:
-            yield info
-        finally:
-            stop_server(process)
-        assert not list((info.data_dir / "sandboxes").glob("*")), "server stop left sandboxes"
+    with own_server(*flags) as (info, _):
+        yield info
+    assert not list((info.data_dir / "sandboxes").glob("*")), "server stop left sandboxes"
 
 
 @pytest.fixture(scope="module")
