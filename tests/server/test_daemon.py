@@ -227,7 +227,7 @@ def process_alive(pid: int) -> bool:
     """True unless the process is gone or a zombie (this container's init may not reap)."""
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, possibly between open and read
         return False
     return stat_line[stat_line.rindex(")") + 2] not in "ZX"
 
