@@ -4,6 +4,13 @@ The session's server runs as a subprocess on a free loopback port with its own
 data dir; tests create sandboxes through `sandboxes` (deleted after each test)
 and poll with deadlines, never sleeps. At the end the server is stopped and
 the host is checked for anything it left behind.
+
+Every server the tests start accepts a second API key, the oracle's (`control`
+uses it): what the tests observe through it is rate-limited and fault-counted
+apart from the client under test.
+
+Under CI=true, a host that cannot run sandboxes fails the run with the reason,
+instead of skipping every test that needs one.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
-from fleetctl.server.runtime.host import probe
+from fleetctl.server.asgi import key_id
+from fleetctl.server.runtime.bwrap.host import probe
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +51,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    report = probe()
+    if os.environ.get("CI") == "true" and not report.can_run:
+        raise pytest.UsageError(
+            "CI=true, and this host cannot run sandboxes, so the sandbox tests would be "
+            "skipped: " + "; ".join(report.problems)
+        )
+
+
 needs_sandboxes = pytest.mark.skipif(
     not probe().can_run, reason="this host cannot run sandboxes (see fleetctl doctor)"
 )
@@ -53,11 +71,14 @@ class Server:
     token: str
     data_dir: Path
     pid: int
+    #: A second API key the server accepts: the oracle's, see `control`.
+    oracle_token: str = ""
 
-    def client(self, **kwargs: Any) -> httpx.Client:
+    def client(self, *, oracle: bool = False, **kwargs: Any) -> httpx.Client:
+        token = self.oracle_token if oracle else self.token
         return httpx.Client(
             base_url=f"{self.url}/api/v1",
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {token}"},
             timeout=60,
             **kwargs,
         )
@@ -65,19 +86,15 @@ class Server:
 
 def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[bytes]]:
     """Start `fleetctl server` on a free port; return once it answers /health."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    oracle_key = data_dir.parent / f"{data_dir.name}.oracle-key"
+    if not oracle_key.exists():
+        oracle_key.write_text(f"oracle-{os.urandom(16).hex()}\n")
+    argv = ["server", "--port", "0", "--data-dir", str(data_dir),
+            "--api-key-file", str(oracle_key), *extra]  # fmt: skip
     with open(data_dir.parent / f"{data_dir.name}.log", "ab") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fleetctl",
-                "server",
-                "--port",
-                "0",
-                "--data-dir",
-                str(data_dir),
-                *extra,
-            ],
+            [sys.executable, "-m", "fleetctl", *argv],
             stdout=log,
             stderr=log,
             env={**os.environ, "FLEETCTL_SERVER_TOKEN": ""},
@@ -89,12 +106,41 @@ def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[
             info = json.loads((data_dir / "server.json").read_text())
             token = (data_dir / "token").read_text().strip()
             if httpx.get(f"{info['url']}/api/v1/health", timeout=2).status_code == 200:
-                return Server(info["url"], token, data_dir, process.pid), process
+                oracle = oracle_key.read_text().strip()
+                return Server(info["url"], token, data_dir, process.pid, oracle), process
         except (OSError, ValueError, KeyError, httpx.HTTPError):
             pass
         time.sleep(0.05)
     process.kill()
     raise AssertionError("server did not start within 30s")
+
+
+def control(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One control-plane call by the oracle: its own API key, retried through injected 5xx,
+    429s and resets, so it never shares a retry bug with the SDK under test."""
+    deadline = time.monotonic() + 30
+    with server.client(oracle=True) as client:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                response = client.request(method, path, **kwargs)
+                if response.status_code < 500 and response.status_code != 429:
+                    return response
+            assert time.monotonic() < deadline, f"{method} {path} kept failing for 30s"
+            time.sleep(0.02)
+
+
+def faults(server: Server, *, everyone: bool = False) -> dict[str, int]:
+    """What the server's fault injection did to the client under test (the API key
+    `server.token`), or, with `everyone`, to every request, the oracle's included."""
+    stats = control(server, "GET", "/_fleetctl/faults").json()
+    if everyone:
+        return dict(stats["total"])
+    return dict(stats["by_key"].get(key_id(server.token), {}))
+
+
+async def acontrol(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """`control` from async code (on a worker thread)."""
+    return await anyio.to_thread.run_sync(lambda: control(server, method, path, **kwargs))
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> None:
@@ -122,14 +168,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @contextlib.contextmanager
 def own_server(*flags: str) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     """A server of a test's own on a fresh data dir, stopped by its PID after (unless the
-    test already killed it)."""
+    test already killed it); its stop must leave no sandbox behind."""
+    if not probe().can_run:
+        pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
     with traversable_dir() as base:
         info, process = start_server(base / "data", *flags)
+        stopped_here = False
         try:
             yield info, process
         finally:
             if process.poll() is None:
                 stop_server(process)
+                stopped_here = True
+        if stopped_here:
+            assert not list((info.data_dir / "sandboxes").glob("*")), "server stop left sandboxes"
 
 
 @contextlib.contextmanager

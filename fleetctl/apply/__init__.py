@@ -1,1 +1,1 @@
-"""Carrying out a plan against the sandbox API: live state in, changes out."""
+"""Carrying out a plan: the executor, and the events it emits as it goes."""

@@ -2,26 +2,29 @@
 
 Order per run: delete what is dead or pruned, create (bounded by
 `parallelism`), wait for readiness in one batch-status poller that holds no
-create slot, then per ready sandbox upload files, expose ports and start jobs;
-then delete what replaces superseded; with `wait_jobs`, wait for jobs and
-download their artifacts. Every create carries an idempotency key derived
-from fleet, key, digest and the sandbox it replaces.
+create slot, then per ready sandbox expose ports, upload files and start jobs,
+and delete the sandbox it replaces; with `wait_jobs`, wait for jobs and download
+their artifacts. Every create carries an idempotency key derived from fleet,
+key, digest and the sandbox it replaces. The executor decides nothing: the plan
+says what to do.
 """
 
 from __future__ import annotations
 
+import functools
 import shlex
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from fleetctl.plan.identity import idempotency_key, labels
+from fleetctl.apply.events import Emit, Kind, event
+from fleetctl.plan.identity import FILES_MARKER, idempotency_key, job_id, labels
 from fleetctl.plan.model import Action, Change, InPlace, Plan
+from fleetctl.plan.prepare import Prepared
 from fleetctl.sandboxes import (
     APIError,
     AsyncSandboxClient,
@@ -29,13 +32,11 @@ from fleetctl.sandboxes import (
     CreateSandboxRequest,
     SandboxNotRunningError,
 )
-from fleetctl.spec.expand import DesiredSandbox
 
-Event = dict[str, Any]
-Emit = Callable[[Event], None]
 SDK_ERRORS = (APIError, SandboxNotRunningError, RuntimeError)
-#: Inside each sandbox: "<content digest> <target>" per uploaded file of the spec.
-FILES_MARKER = "/tmp/.fleetctl-files"
+#: Actions that make a new sandbox.
+CREATING = frozenset({Action.create, Action.replace, Action.recreate})
+Step = Callable[["_Work"], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ class Options:
 
 @dataclass(slots=True)
 class Result:
-    """What a run did: per key, the action and whether it succeeded."""
+    """What a run did: per fleet/key, the action done, or why it failed."""
 
     done: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class Result:
 @dataclass(slots=True)
 class _Work:
     change: Change
+    label: str
     digest: str
     secrets: Mapping[str, str]
     sandbox_id: str | None = None
@@ -72,92 +74,107 @@ class _Work:
 async def execute(
     plan: Plan,
     client: AsyncSandboxClient,
-    digests: Mapping[tuple[str, str], str],
-    secrets: Mapping[tuple[str, str], Mapping[str, str]],
+    prepared: Prepared,
     options: Options,
     emit: Emit,
-    file_digests: Mapping[str, str] | None = None,
     result: Result | None = None,
 ) -> Result:
-    """Carry out `plan`; returns which keys succeeded and which failed (with why)."""
+    """Carry out `plan`; returns which keys succeeded and which failed (with why).
+    `result` (if given) fills as work finishes, so an interrupted run can say what it did."""
+    run = _Run(client, prepared, options, emit, result if result is not None else Result())
     started = time.monotonic()
-    result = result if result is not None else Result()
-    limiter = anyio.CapacityLimiter(options.parallelism)
-    work = [_work(c, digests, secrets) for c in plan.changes if c.action is not Action.noop]
+    await run.all([_work(c, prepared) for c in plan.changes if c.action is not Action.noop])
+    run.result.elapsed = time.monotonic() - started
+    return run.result
 
-    def fail(item: _Work, error: BaseException) -> None:
-        result.failed[_label(item.change)] = str(error)
-        emit({"event": "failed", "key": item.change.key, "action": item.change.action.value,
-              "error": str(error)})  # fmt: skip
 
-    async def guarded(item: _Work, step: Callable[[_Work], Any]) -> None:
-        if _label(item.change) in result.failed:
-            return
-        async with limiter:
-            try:
-                await step(item)
-            except SDK_ERRORS as exc:
-                fail(item, exc)
+@dataclass(slots=True)
+class _Run:
+    """One execution: its client and settings, and the result it fills."""
 
-    async def remove_first(item: _Work) -> None:
-        await _remove(client, item, item.change.reason, emit)
+    client: AsyncSandboxClient
+    prepared: Prepared
+    options: Options
+    emit: Emit
+    result: Result
+    limiter: anyio.CapacityLimiter = field(init=False)
 
-    async def create(item: _Work) -> None:
-        sandbox = await client.create(_request(item))
-        item.sandbox_id = sandbox.id
-        emit({"event": "created", "key": item.change.key, "id": sandbox.id})
+    def __post_init__(self) -> None:
+        self.limiter = anyio.CapacityLimiter(self.options.parallelism)
 
-    async def configure(item: _Work) -> None:
-        await _reconcile(client, item, file_digests or {}, emit)
-
-    async def remove_old(item: _Work) -> None:
-        await _remove(client, item, "replaced", emit)
-
-    first = [w for w in work if w.change.action in (Action.delete, Action.recreate)]
-    creating = [w for w in work if w.change.action in (Action.create, Action.replace,
-                                                        Action.recreate)]  # fmt: skip
-    async with anyio.create_task_group() as group:
-        for item in first:
-            group.start_soon(guarded, item, remove_first)
-    async with anyio.create_task_group() as group:
-        for item in creating:
-            group.start_soon(guarded, item, create)
-    await _wait_ready(client, [w for w in creating if w.sandbox_id and
-                               _label(w.change) not in result.failed], fail, emit)  # fmt: skip
-    ready = [w for w in creating if w.sandbox_id and _label(w.change) not in result.failed]
-    ready += [w for w in work if w.change.action is Action.update]
-    async with anyio.create_task_group() as group:
-        for item in ready:
-            group.start_soon(guarded, item, configure)
-        for item in work:
-            if item.change.action is Action.replace and item in ready:
-                group.start_soon(guarded, item, remove_old)
-    if options.wait_jobs:
+    async def all(self, work: list[_Work]) -> None:
         async with anyio.create_task_group() as group:
-            for item in ready:
-                if item.jobs:
-                    group.start_soon(_finish_jobs, client, item, options, emit, fail)
-    for item in work:
-        label = _label(item.change)
-        if label not in result.failed:
-            result.done[label] = item.change.action.value
-    result.elapsed = time.monotonic() - started
-    return result
+            for item in work:
+                if item.change.action in (Action.delete, Action.recreate):
+                    last = item.change.action is Action.delete
+                    group.start_soon(functools.partial(self.steps, item, self.remove, last=last))
+        creating = [w for w in work if w.change.action in CREATING]
+        async with anyio.create_task_group() as group:
+            for item in creating:
+                group.start_soon(functools.partial(self.steps, item, self.create, last=False))
+        new = [w for w in creating if w.sandbox_id and w.label not in self.result.failed]
+        await _wait_ready(self.client, new, self.fail, self.emit)
+        async with anyio.create_task_group() as group:
+            for item in new:
+                if item.label in self.result.failed:
+                    continue
+                if item.change.action is Action.replace:  # the old one goes once the new is set
+                    group.start_soon(self.steps, item, self.configure, self.remove_replaced)
+                else:
+                    group.start_soon(self.steps, item, self.configure)
+            for item in work:
+                if item.change.action is Action.update:
+                    group.start_soon(self.steps, item, self.configure)
+        if self.options.wait_jobs:
+            async with anyio.create_task_group() as group:
+                for item in work:
+                    if item.jobs and item.label not in self.result.failed:
+                        group.start_soon(_finish_jobs, self.client, item, self.options,
+                                         self.emit, self.fail)  # fmt: skip
+        for label in self.result.failed:
+            self.result.done.pop(label, None)
+
+    def fail(self, item: _Work, error: BaseException) -> None:
+        self.result.failed[item.label] = str(error)
+        self.emit(event(Kind.FAILED, item.change.key, action=item.change.action.value,
+                        error=str(error)))  # fmt: skip
+
+    async def steps(self, item: _Work, *steps: Step, last: bool = True) -> None:
+        """The item's steps in order, each holding a slot; with `last`, they complete
+        the change: `done`."""
+        for step in steps:
+            if item.label in self.result.failed:
+                return
+            async with self.limiter:
+                try:
+                    await step(item)
+                except SDK_ERRORS as exc:
+                    self.fail(item, exc)
+                    return
+        if last:
+            self.result.done[item.label] = item.change.action.value
+            self.emit(event(Kind.DONE, item.change.key, action=item.change.action.value))
+
+    async def remove(self, item: _Work) -> None:
+        await _remove(self.client, item, item.change.reason, self.emit)
+
+    async def remove_replaced(self, item: _Work) -> None:
+        await _remove(self.client, item, "replaced", self.emit)
+
+    async def create(self, item: _Work) -> None:
+        sandbox = await self.client.create(_request(item))
+        item.sandbox_id = sandbox.id
+        self.emit(event(Kind.CREATED, item.change.key, id=sandbox.id))
+
+    async def configure(self, item: _Work) -> None:
+        await _reconcile(self.client, item, self.prepared.file_digests, self.emit)
 
 
-def job_handle(name: str, sandbox_id: str = "") -> BackgroundJob:
-    """A spec job's files: one fixed id per job name, so `status`, `wait` and later
-    applies find them again."""
-    return BackgroundJob.for_id(f"fleetctl-{name}", sandbox_id)
-
-
-def _work(
-    change: Change,
-    digests: Mapping[tuple[str, str], str],
-    secrets: Mapping[tuple[str, str], Mapping[str, str]],
-) -> _Work:
-    ident = _ident(change)
-    item = _Work(change, digests.get(ident, ""), secrets.get(ident, {}))
+def _work(change: Change, prepared: Prepared) -> _Work:
+    owner = change.after.fleet if change.after else change.before.fleet if change.before else ""
+    ident = (owner, change.key)
+    item = _Work(change, f"{owner}/{change.key}", prepared.digests.get(ident, ""),
+                 prepared.secrets.get(ident, {}))  # fmt: skip
     if change.action is Action.update:
         assert change.before is not None
         item.sandbox_id, item.in_place = change.before.id, change.in_place
@@ -167,24 +184,14 @@ def _work(
     return item
 
 
-def _ident(change: Change) -> tuple[str, str]:
-    owner = change.after.fleet if change.after else change.before.fleet if change.before else ""
-    return owner, change.key
-
-
-def _label(change: Change) -> str:
-    fleet, key = _ident(change)
-    return f"{fleet}/{key}"
-
-
 def _request(item: _Work) -> CreateSandboxRequest:
-    desired: DesiredSandbox | None = item.change.after
+    desired = item.change.after
     assert desired is not None
     before = item.change.before.id if item.change.before else None
+    optional = {"start_command": desired.start_command} if desired.start_command else {}
     return CreateSandboxRequest(
         name=f"{desired.fleet}-{desired.key}",
         docker_image=desired.image,
-        start_command=desired.start_command or "tail -f /dev/null",
         cpu_cores=desired.cpu_cores,
         memory_gb=desired.memory_gb,
         disk_size_gb=desired.disk_size_gb,
@@ -194,6 +201,7 @@ def _request(item: _Work) -> CreateSandboxRequest:
         secrets=dict(item.secrets) or None,
         labels=labels(desired, item.digest),
         idempotency_key=idempotency_key(desired.fleet, desired.key, item.digest, before),
+        **optional,
     )
 
 
@@ -206,7 +214,7 @@ async def _remove(client: AsyncSandboxClient, item: _Work, reason: str, emit: Em
     except APIError as exc:
         if exc.status_code != 404:
             raise
-    emit({"event": "deleted", "key": item.change.key, "id": before.id, "reason": reason})
+    emit(event(Kind.DELETED, item.change.key, id=before.id, reason=reason))
 
 
 async def _wait_ready(
@@ -228,7 +236,7 @@ async def _wait_ready(
                 fail(item, exc)
             return
         for sandbox_id, item in pending.items():
-            emit({"event": "ready", "key": item.change.key, "id": sandbox_id})
+            emit(event(Kind.READY, item.change.key, id=sandbox_id))
         return
 
 
@@ -243,43 +251,38 @@ async def _reconcile(
     todo = item.in_place
     for exposure_id in todo.unexpose:
         await client.unexpose(sandbox_id, exposure_id)
-        emit({"event": "unexposed", "key": desired.key, "exposure": exposure_id})
+        emit(event(Kind.UNEXPOSED, desired.key, exposure=exposure_id))
     for exposure in todo.expose:
         exposed = await client.expose(sandbox_id, exposure.port, exposure.name, exposure.protocol)
-        emit({"event": "exposed", "key": desired.key, "port": exposure.port,
-              "url": exposed.external_endpoint or exposed.url})  # fmt: skip
+        emit(event(Kind.EXPOSED, desired.key, port=exposure.port,
+                   url=exposed.external_endpoint or exposed.url))  # fmt: skip
     for spec in todo.upload:
         source = Path(spec.source)
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for path in files:
             target = spec.target if path == source else f"{spec.target}/{path.relative_to(source)}"
             await client.upload_file(sandbox_id, target, str(path))
-        emit({"event": "uploaded", "key": desired.key, "source": spec.source,
-              "target": spec.target})  # fmt: skip
+        emit(event(Kind.UPLOADED, desired.key, source=spec.source, target=spec.target))
     if todo.upload:
-        await _record_files(client, sandbox_id, desired, file_digests)
+        lines = "".join(f"{file_digests.get(f.source, 'present')} {f.target}\n"
+                        for f in desired.files)  # fmt: skip
+        await _write(client, sandbox_id, FILES_MARKER, lines)
     for job in todo.start_jobs:
         started = await client.start_background_job(
             sandbox_id,
             f"timeout {job.timeout_minutes * 60} sh -c {shlex.quote(job.command)}",
-            job_id=job_handle(job.name).job_id,
+            job_id=job_id(job.name),
         )
         item.jobs.append((job.name, started))
-        emit({"event": "job-started", "key": desired.key, "job": job.name})
+        emit(event(Kind.JOB_STARTED, desired.key, job=job.name))
 
 
-async def _record_files(
-    client: AsyncSandboxClient,
-    sandbox_id: str,
-    desired: DesiredSandbox,
-    file_digests: Mapping[str, str],
-) -> None:
-    """Leave the uploaded files' digests in the sandbox, for the next plan to compare."""
-    lines = "".join(f"{file_digests.get(f.source, 'present')} {f.target}\n" for f in desired.files)
+async def _write(client: AsyncSandboxClient, sandbox_id: str, path: str, text: str) -> None:
+    """Leave `text` in a file inside the sandbox (for the next plan to read)."""
     with tempfile.TemporaryDirectory() as scratch:
-        marker = Path(scratch) / "files"
-        marker.write_text(lines)
-        await client.upload_file(sandbox_id, FILES_MARKER, str(marker))
+        local = Path(scratch) / "file"
+        local.write_text(text)
+        await client.upload_file(sandbox_id, path, str(local))
 
 
 async def _finish_jobs(
@@ -297,13 +300,12 @@ async def _finish_jobs(
         for name, job in item.jobs:
             while not (status := await client.get_background_job(sandbox_id, job)).completed:
                 await anyio.sleep(options.job_poll_seconds)
-            emit({"event": "job-finished", "key": desired.key, "job": name,
-                  "exit_code": status.exit_code})  # fmt: skip
+            emit(event(Kind.JOB_FINISHED, desired.key, job=name, exit_code=status.exit_code))
             spec = next(j for j in desired.jobs if j.name == name)
             for artifact in spec.artifacts:
                 local = options.artifacts_dir / desired.fleet / desired.key / artifact.lstrip("/")
                 await client.download_file(sandbox_id, artifact, str(local))
-                emit({"event": "artifact", "key": desired.key, "path": str(local)})
+                emit(event(Kind.ARTIFACT, desired.key, path=str(local)))
             if status.exit_code:
                 raise RuntimeError(f"job {name} exited with code {status.exit_code}")
     except SDK_ERRORS as exc:

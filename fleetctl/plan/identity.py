@@ -5,6 +5,10 @@ Every managed sandbox carries the user's labels plus three of fleetctl's:
 the digest covering every field that cannot change in place. Secrets enter the
 digest only through an HMAC keyed by a value the labels' readers cannot see,
 so a rotation is detected while the value stays unguessable from the label.
+
+Inside a sandbox, fleetctl finds its own things by name: a spec job's background
+job id (`job_id`), and the marker file listing the uploaded files' digests
+(`FILES_MARKER`). The executor writes them; refresh and status read them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,16 @@ PREFIX = "fleetctl."
 FLEET_LABEL = PREFIX + "fleet="
 KEY_LABEL = PREFIX + "key="
 DIGEST_LABEL = PREFIX + "digest="
+#: Background job ids of spec jobs: this prefix, then the job's name.
+JOB_PREFIX = "fleetctl-"
+#: Inside each sandbox: "<content digest> <target>" per uploaded file of the spec.
+FILES_MARKER = "/tmp/.fleetctl-files"
+
+
+def job_id(name: str) -> str:
+    """The background job id of the spec job `name`: fixed, so that `status`, `wait` and
+    later applies find the job again."""
+    return JOB_PREFIX + name
 
 
 def fleet_label(fleet: str) -> str:

@@ -12,12 +12,18 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fleetctl.contract import FINAL_STATUSES as FINAL
+from fleetctl.contract import SandboxStatus
 from fleetctl.plan.model import Action, Change, InPlace, LiveSandbox, Plan
 from fleetctl.spec.expand import DesiredSandbox
 from fleetctl.spec.models import Exposure, FileSpec, Job
 
-FINAL = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
-ACTIVE_ORDER = {"RUNNING": 0, "PROVISIONING": 1, "PENDING": 2}
+#: Which of several live sandboxes of one key to keep, most preferred first.
+ACTIVE_ORDER: dict[str, int] = {
+    SandboxStatus.RUNNING: 0,
+    SandboxStatus.PROVISIONING: 1,
+    SandboxStatus.PENDING: 2,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,15 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from fleetctl.contract import (
+    DEFAULT_EXEC_TIMEOUT_S,
+    FINAL_STATUSES,
+    MAX_BATCH,
+    MAX_EXEC_TIMEOUT_S,
+    SandboxStatus,
+)
 from fleetctl.sandboxes import errors
 from fleetctl.sandboxes.models import (
-    FINAL_STATUSES,
     BackgroundJob,
     BackgroundJobStatus,
     BatchStatus,
@@ -41,11 +47,8 @@ from fleetctl.sandboxes.models import (
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
-DEFAULT_EXEC_TIMEOUT = 300
-MAX_EXEC_TIMEOUT = 900
 TOKEN_MARGIN = timedelta(seconds=60)
 JOB_LOG_WINDOW = 10 * 1024 * 1024
-BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +146,7 @@ class Operations:
         delay = 0.05
         for _ in range(max_attempts * 4):
             sandbox = yield from self.get(sandbox_id)
-            if sandbox.status == "RUNNING":
+            if sandbox.status == SandboxStatus.RUNNING:
                 return
             if sandbox.status in FINAL_STATUSES:
                 raise errors.not_running(
@@ -169,9 +172,9 @@ class Operations:
                 status, error_type, message = statuses.get(sandbox_id, (None, None, None))
                 if status in FINAL_STATUSES:
                     raise errors.not_running(sandbox_id, status, error_type, message)
-            pending = [i for i in pending if statuses.get(i, (None,))[0] != "RUNNING"]
+            pending = [i for i in pending if statuses.get(i, (None,))[0] != SandboxStatus.RUNNING]
             if not pending:
-                return dict.fromkeys(sandbox_ids, "RUNNING")
+                return dict.fromkeys(sandbox_ids, SandboxStatus.RUNNING.value)
             yield Sleep(delay)
             delay = min(delay * 1.5, 2.0)
         raise errors.APITimeoutError(
@@ -182,8 +185,8 @@ class Operations:
         self, ids: Sequence[str]
     ) -> Op[dict[str, tuple[str | None, str | None, str | None]]]:
         found: dict[str, tuple[str | None, str | None, str | None]] = {}
-        for start in range(0, len(ids), BATCH):
-            chunk = list(ids[start : start + BATCH])
+        for start in range(0, len(ids), MAX_BATCH):
+            chunk = list(ids[start : start + MAX_BATCH])
             response = yield Call("POST", "/sandbox/status:batchGet", json={"sandbox_ids": chunk})
             if response.status_code == 404:  # an API without batch status: read one by one
                 for sandbox_id in chunk:
@@ -218,9 +221,9 @@ class Operations:
         env: Mapping[str, str] | None = None,
         timeout: int | None = None,
     ) -> Op[CommandResponse]:
-        limit = DEFAULT_EXEC_TIMEOUT if timeout is None else timeout
-        if not 0 < limit <= MAX_EXEC_TIMEOUT:
-            raise ValueError(f"timeout must be between 1 and {MAX_EXEC_TIMEOUT} seconds")
+        limit = DEFAULT_EXEC_TIMEOUT_S if timeout is None else timeout
+        if not 0 < limit <= MAX_EXEC_TIMEOUT_S:
+            raise ValueError(f"timeout must be between 1 and {MAX_EXEC_TIMEOUT_S} seconds")
         body = {
             "command": command,
             "working_dir": working_dir,
@@ -384,7 +387,7 @@ class Operations:
                 response.status_code == 404 and operation == "exec"
             ):
                 sandbox = yield from self.get(sandbox_id)
-                if sandbox.status != "RUNNING":
+                if sandbox.status != SandboxStatus.RUNNING:
                     raise errors.not_running(
                         sandbox_id, sandbox.status, sandbox.error_type, sandbox.error_message
                     )

@@ -4,20 +4,23 @@
     2. FLEETCTL_API_URL + FLEETCTL_API_KEY
     3. the current context: FLEETCTL_CONTEXT, else `current-context` in
        ~/.config/fleetctl/config.yaml, else `local`
-         local  the local server (started in the background if none answers,
-                saying so in one line on stderr)
          prime  Prime Intellect's cloud: PRIME_API_KEY, PRIME_BASE_URL
          other  `contexts: {name: {url: ..., api_key_env: VAR}}` in the config file
+         local  and any other name a provider is registered for, by `register` or
+                by an entry point in the group `fleetctl.contexts` (fleetctl's own
+                package registers `local`: the local server, started in the
+                background if none answers, saying so in one line on stderr)
 
 A remote context without a key raises UnauthorizedError before any request,
-naming the variable to set.
+naming the variable to set. The SDK names no server: a provider is found by name.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,26 @@ import yaml
 from fleetctl.sandboxes.errors import APIError, UnauthorizedError
 
 PRIME_DEFAULT_URL = "https://api.primeintellect.ai"
+#: Entry point group of context providers.
+PROVIDER_GROUP = "fleetctl.contexts"
+#: A context provider: given the caller's API key (or None), the base URL and API key
+#: to use. It may start something (the local server does) and may raise APIError.
+Provider = Callable[[str | None], tuple[str, str]]
+_providers: dict[str, Provider] = {}
+
+
+def register(name: str, provider: Provider) -> None:
+    """Make context `name` resolve through `provider` (wins over an entry point)."""
+    _providers[name] = provider
+
+
+def _provider(name: str) -> Provider | None:
+    if name in _providers:
+        return _providers[name]
+    for point in entry_points(group=PROVIDER_GROUP, name=name):
+        provider: Provider = point.load()
+        return provider
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +91,30 @@ def resolve(
         return Endpoint(_strip(os.environ["FLEETCTL_API_URL"]), key, "environment")
     config = _config()
     name = context or os.environ.get("FLEETCTL_CONTEXT") or config.get("current-context") or "local"
-    if name == "local":
-        return _local(api_key)
+    contexts = config.get("contexts") or {}
+    if not isinstance(contexts, dict):
+        raise APIError(f"`contexts` in {config_file()} must be a mapping of names to contexts")
+    provider = _provider(name) if name not in contexts else None
+    if provider is not None:
+        try:
+            url, key = provider(api_key)
+        except APIError:
+            raise
+        except Exception as exc:  # a provider's failure reaches SDK users as the SDK's error
+            raise APIError(f"context {name!r} is not available: {exc}") from None
+        return Endpoint(_strip(url), key, name)
     if name == "prime":
         key = api_key or os.environ.get("PRIME_API_KEY", "")
         if not key:
             raise UnauthorizedError("context 'prime' needs an API key: set PRIME_API_KEY")
-        url = os.environ.get("PRIME_BASE_URL") or os.environ.get("PRIME_API_BASE_URL")
-        return Endpoint(_strip(url or PRIME_DEFAULT_URL), key, "prime")
-    contexts = config.get("contexts") or {}
-    if not isinstance(contexts, dict):
-        raise APIError(f"`contexts` in {config_file()} must be a mapping of names to contexts")
+        base = os.environ.get("PRIME_BASE_URL") or os.environ.get("PRIME_API_BASE_URL")
+        return Endpoint(_strip(base or PRIME_DEFAULT_URL), key, "prime")
     if name not in contexts:
-        known = ", ".join(["local", "prime", *contexts])
-        raise APIError(f"unknown context {name!r} (known: {known}; defined in {config_file()})")
+        known = ", ".join(dict.fromkeys([*_known_providers(), "prime", *contexts]))
+        hint = " (is fleetctl installed? installing registers it)" if name == "local" else ""
+        raise APIError(
+            f"unknown context {name!r}{hint} (known: {known}; defined in {config_file()})"
+        )
     entry = contexts[name]
     if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
         raise APIError(f"context {name!r} in {config_file()} needs a `url` (and optionally "
@@ -93,27 +126,8 @@ def resolve(
     return Endpoint(_strip(str(entry["url"])), key, name)
 
 
-def _local(api_key: str | None) -> Endpoint:
-    # imported here: the server (FastAPI, uvicorn) loads only for the local context
-    from fleetctl.server import daemon  # noqa: PLC0415
-
-    data_dir = daemon.default_data_dir()
-    info = daemon.running(data_dir)
-    if info is None:
-        try:
-            info = daemon.start_background(daemon.ServerOptions(data_dir=data_dir))
-        except daemon.ServerError:
-            # the default port may be taken (another data dir's server): any free one
-            # will do, since clients find the server through the data dir
-            try:
-                info = daemon.start_background(daemon.ServerOptions(data_dir=data_dir, port=0))
-            except daemon.ServerError as exc:
-                raise APIError(f"cannot start the local sandbox server: {exc}") from None
-        print(
-            f"fleetctl: started the local sandbox server on {info.url} (data dir {data_dir})",
-            file=sys.stderr,
-        )
-    return Endpoint(info.url, api_key or daemon.api_token(data_dir), "local")
+def _known_providers() -> list[str]:
+    return [*_providers, *(point.name for point in entry_points(group=PROVIDER_GROUP))]
 
 
 def _strip(url: str) -> str:

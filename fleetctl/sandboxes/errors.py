@@ -21,6 +21,8 @@ the same classes after changing only its import.
 
 from __future__ import annotations
 
+from fleetctl.contract import ErrorType
+
 
 class APIError(Exception):
     """An API call failed; `status_code` is set when the server answered."""
@@ -99,9 +101,9 @@ class DownloadTimeoutError(RuntimeError):
 
 
 NOT_RUNNING_BY_ERROR_TYPE: dict[str, type[SandboxNotRunningError]] = {
-    "OOM_KILLED": SandboxOOMError,
-    "TIMEOUT": SandboxTimeoutError,
-    "IMAGE_PULL_FAILED": SandboxImagePullError,
+    ErrorType.OOM_KILLED: SandboxOOMError,
+    ErrorType.TIMEOUT: SandboxTimeoutError,
+    ErrorType.IMAGE_PULL_FAILED: SandboxImagePullError,
 }
 
 

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from fleetctl import contract
+from fleetctl.contract import SandboxStatus
 
-class SandboxStatus(StrEnum):
-    PENDING = "PENDING"
-    PROVISIONING = "PROVISIONING"
-    RUNNING = "RUNNING"
-    TERMINATED = "TERMINATED"
-    ERROR = "ERROR"
-    TIMEOUT = "TIMEOUT"
-
-
-FINAL_STATUSES = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
+__all__ = ["SandboxStatus"]  # re-exported: the SDK's users import it from here
 
 
 class CreateSandboxRequest(BaseModel):
@@ -27,12 +19,12 @@ class CreateSandboxRequest(BaseModel):
 
     name: str
     docker_image: str
-    start_command: str | None = "tail -f /dev/null"
-    cpu_cores: float = 1.0
-    memory_gb: float = 2.0
-    disk_size_gb: float = 5.0
-    network_access: bool = True
-    timeout_minutes: int = 60
+    start_command: str | None = contract.IDLE_START_COMMAND
+    cpu_cores: float = contract.DEFAULT_CPU_CORES
+    memory_gb: float = contract.DEFAULT_MEMORY_GB
+    disk_size_gb: float = contract.DEFAULT_DISK_SIZE_GB
+    network_access: bool = contract.DEFAULT_NETWORK_ACCESS
+    timeout_minutes: int = contract.DEFAULT_TIMEOUT_MINUTES
     environment_vars: dict[str, str] | None = None
     secrets: dict[str, str] | None = Field(default=None, repr=False)
     labels: list[str] = Field(default_factory=list)
@@ -155,12 +147,10 @@ class BackgroundJob(BaseModel):
 
     @classmethod
     def for_id(cls, job_id: str, sandbox_id: str) -> BackgroundJob:
-        """The files a job with this id writes (in /tmp inside the sandbox)."""
-        return cls(
-            job_id=job_id, sandbox_id=sandbox_id,
-            stdout_log_file=f"/tmp/job_{job_id}.stdout.log",
-            stderr_log_file=f"/tmp/job_{job_id}.stderr.log", exit_file=f"/tmp/job_{job_id}.exit",
-        )  # fmt: skip
+        """The handle of the job `job_id`: its files inside the sandbox."""
+        files = contract.job_files(job_id)
+        return cls(job_id=job_id, sandbox_id=sandbox_id, stdout_log_file=files.stdout,
+                   stderr_log_file=files.stderr, exit_file=files.exit)  # fmt: skip
 
 
 class BackgroundJobStatus(BaseModel):

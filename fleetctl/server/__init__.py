@@ -1,12 +1,15 @@
-"""The local sandbox server: real isolated sandboxes behind the sandbox REST API.
+"""The local server: real isolated sandboxes behind the sandbox REST API.
 
-    app.py       FastAPI routes: control plane (/api/v1) and data plane (/gw)
-    service.py   sandbox lifecycle: provisioning, monitoring, timeouts, deletion
+    routes/      one router per plane: control (/api/v1), gateway (/gw)
+    app.py       the ASGI app: routers, middlewares, error statuses, lifespan
+    api.py       wire payloads, as the official SDK sends and parses them
+    service/     the behaviour: lifecycle, monitor, data plane, adoption
+    runtime/     the seam to what really runs sandboxes (bubblewrap here)
     store.py     SQLite state under the data dir
-    runtime/     bubblewrap + overlayfs + cgroups: how a sandbox really runs
-    proxy.py     exposed ports: host listeners that connect inside a sandbox's netns
-    limits.py    rate limits (429 + Retry-After) and seeded fault injection
-    daemon.py    `fleetctl server start|stop|status`, the data dir and the API token
+    proxy.py     exposed ports: host listeners forwarded into a sandbox
+    ratelimit.py rate limits (429 + Retry-After); faults.py seeded fault injection
+    options.py   the server's settings; daemon.py the background process and token;
+    serve.py     the server process itself (the only place a runtime is chosen)
 
 The server knows nothing of specs or fleets: it speaks the sandbox API only.
 """

@@ -14,15 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-Status = Literal["PENDING", "PROVISIONING", "RUNNING", "TERMINATED", "ERROR", "TIMEOUT"]
-ErrorType = Literal[
-    "OOM_KILLED", "TIMEOUT", "IMAGE_PULL_FAILED", "SANDBOX_NOT_FOUND", "START_FAILED"
-]
-FINAL_STATUSES = frozenset({"TERMINATED", "ERROR", "TIMEOUT"})
-MAX_EXEC_TIMEOUT_S = 900
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024
-RESERVED_PORTS = frozenset({2222, 8080, 8081})
-
+from fleetctl import contract
+from fleetctl.contract import SandboxStatus
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -46,14 +39,18 @@ class _Request(BaseModel):
 class CreateSandbox(_Request):
     name: str = Field(min_length=1, max_length=128)
     docker_image: str = Field(min_length=1, max_length=512)
-    start_command: str | None = None
-    cpu_cores: float = Field(1.0, gt=0, le=64)
-    memory_gb: float = Field(2.0, gt=0, le=512)
-    disk_size_gb: float = Field(5.0, gt=0, le=1000)
+    start_command: str | None = Field(
+        contract.IDLE_START_COMMAND, description="The main process; null keeps the sandbox idle."
+    )
+    cpu_cores: float = Field(contract.DEFAULT_CPU_CORES, gt=0, le=contract.MAX_CPU_CORES)
+    memory_gb: float = Field(contract.DEFAULT_MEMORY_GB, gt=0, le=contract.MAX_MEMORY_GB)
+    disk_size_gb: float = Field(contract.DEFAULT_DISK_SIZE_GB, gt=0, le=contract.MAX_DISK_SIZE_GB)
     gpu_count: int = Field(0, ge=0, le=0, description="The local server has no GPUs.")
     vm: bool = False
-    network_access: bool = True
-    timeout_minutes: int = Field(60, ge=1, le=1440)
+    network_access: bool = contract.DEFAULT_NETWORK_ACCESS
+    timeout_minutes: int = Field(
+        contract.DEFAULT_TIMEOUT_MINUTES, ge=1, le=contract.MAX_TIMEOUT_MINUTES
+    )
     environment_vars: dict[str, str] | None = None
     secrets: dict[str, str] | None = None
     labels: list[str] = Field(default_factory=list, max_length=64)
@@ -89,19 +86,20 @@ class BulkDelete(_Request):
 
 
 class BatchStatus(_Request):
-    sandbox_ids: list[str] = Field(min_length=1, max_length=100)
+    sandbox_ids: list[str] = Field(min_length=1, max_length=contract.MAX_BATCH)
 
 
 class ExposeRequest(_Request):
-    port: int = Field(ge=22, le=9000)
+    port: int = Field(ge=contract.PORT_RANGE[0], le=contract.PORT_RANGE[1])
     name: str | None = Field(None, max_length=63)
     protocol: Literal["HTTP", "TCP"] = "HTTP"
 
     @field_validator("port")
     @classmethod
     def _not_reserved(cls, port: int) -> int:
-        if port in RESERVED_PORTS:
-            raise ValueError(f"port {port} is reserved and cannot be exposed (8080, 2222, 8081)")
+        if port in contract.RESERVED_PORTS:
+            reserved = contract.RESERVED_PORTS_TEXT
+            raise ValueError(f"port {port} is reserved and cannot be exposed ({reserved})")
         return port
 
 
@@ -115,7 +113,7 @@ class ExecRequest(_Request):
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         return check_env(value) or {}
 
-    timeout: int = Field(300, ge=1, le=MAX_EXEC_TIMEOUT_S)
+    timeout: int = Field(contract.DEFAULT_EXEC_TIMEOUT_S, ge=1, le=contract.MAX_EXEC_TIMEOUT_S)
     user: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$",
@@ -139,7 +137,7 @@ class Sandbox(_Camel):
     gpu_count: int = 0
     vm: bool = False
     network_access: bool
-    status: Status
+    status: SandboxStatus
     timeout_minutes: int
     termination_reason: str | None = None
     environment_vars: dict[str, str] | None = None
@@ -165,14 +163,14 @@ class SandboxList(_Camel):
 
 
 class ErrorContext(_Camel):
-    status: Status
+    status: SandboxStatus
     error_type: str | None
     error_message: str | None
 
 
 class BatchStatusItem(_Camel):
     id: str
-    status: Status | None = None
+    status: SandboxStatus | None = None
     error_type: str | None = None
     error_message: str | None = None
     error: str | None = None

@@ -1,37 +1,31 @@
-"""Running the local server: in the foreground, or in the background with a pid file.
+"""The local server as a background process: start, find, stop, restart; the API token.
 
 The data dir holds everything the server keeps: `state.db`, the API `token`
 (0600, unless FLEETCTL_SERVER_TOKEN is set), `server.json` (pid and URL of the
 running server), `server.log`, and the sandboxes' own directories.
+
+`local_context` is the SDK's provider of the `local` context (registered as an
+entry point). Nothing here loads FastAPI or uvicorn: the server process itself
+runs `fleetctl.server.serve`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from fleetctl.errors import FleetError
-from fleetctl.server.app import create_app
-from fleetctl.server.runtime.host import probe
-from fleetctl.server.runtime.sandbox import Runtime, RuntimeFailure
-from fleetctl.server.service import ImagePolicy, SandboxService, Settings
-from fleetctl.server.store import Store
+from fleetctl.server.options import ServerOptions, default_data_dir, restart_marker
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7431
 TOKEN_ENV = "FLEETCTL_SERVER_TOKEN"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0
@@ -42,37 +36,9 @@ class ServerError(FleetError):
 
 
 @dataclass(frozen=True, slots=True)
-class ServerOptions:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    data_dir: Path | None = None
-    image_policy: ImagePolicy = "host"
-    rate_limit: str = ""
-    faults: str = ""
-    timeout_scale: float = 1.0
-
-    @property
-    def directory(self) -> Path:
-        return self.data_dir or default_data_dir()
-
-
-@dataclass(frozen=True, slots=True)
 class ServerInfo:
     pid: int
     url: str
-
-
-def default_data_dir() -> Path:
-    """FLEETCTL_DATA_DIR, else /var/lib/fleetctl for root, else ~/.local/share/fleetctl.
-
-    Root's default is outside /root on purpose: sandbox uids must traverse it.
-    """
-    if "FLEETCTL_DATA_DIR" in os.environ:
-        return Path(os.environ["FLEETCTL_DATA_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/fleetctl")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "fleetctl"
 
 
 def api_token(data_dir: Path) -> str:
@@ -90,84 +56,6 @@ def api_token(data_dir: Path) -> str:
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
     return token
-
-
-@contextlib.contextmanager
-def _exclusive(data_dir: Path) -> Iterator[None]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(data_dir / "server.lock", "w")  # noqa: SIM115 - held for the server's life
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise ServerError(
-            f"another fleetctl server already uses {data_dir}; `fleetctl server status` "
-            "shows it, `fleetctl server stop` stops it"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.close()
-
-
-def serve(options: ServerOptions, *, announce: bool = True) -> None:
-    """Run the server in the foreground until SIGINT/SIGTERM, then stop its sandboxes."""
-    data_dir = options.directory
-    with _exclusive(data_dir):
-        try:
-            runtime = Runtime(data_dir, probe())
-        except RuntimeFailure as exc:
-            raise ServerError(f"{exc} (`fleetctl doctor` explains)") from None
-        store = Store(data_dir / "state.db")
-        settings = Settings(
-            data_dir=data_dir,
-            image_policy=options.image_policy,
-            timeout_scale=options.timeout_scale,
-        )
-        service = SandboxService(store, runtime, settings)
-        try:
-            app = create_app(
-                service, api_token(data_dir), rate_limits=options.rate_limit, faults=options.faults
-            )
-        except ValueError as exc:
-            raise ServerError(str(exc)) from None
-        sock = _bind(options.host, options.port)
-        url = f"http://{_url_host(options.host)}:{sock.getsockname()[1]}"
-        info = data_dir / "server.json"
-        info.write_text(json.dumps({"pid": os.getpid(), "url": url}))
-        if announce:
-            print(f"fleetctl server listening on {url} (data dir {data_dir})", flush=True)
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30
-        )
-        try:
-            uvicorn.Server(config).run(sockets=[sock])
-        finally:
-            info.unlink(missing_ok=True)
-            store.close()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit this: without it a response written as
-    # headers then body waits ~40 ms for the client's delayed ACK (Nagle).
-    if family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(1024)
-    return sock
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
 
 
 def running(data_dir: Path) -> ServerInfo | None:
@@ -195,26 +83,7 @@ def start_background(options: ServerOptions) -> ServerInfo:
     if existing is not None:
         return existing
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "fleetctl",
-        "server",
-        "--host",
-        options.host,
-        "--port",
-        str(options.port),
-        "--data-dir",
-        str(data_dir),
-        "--image-policy",
-        options.image_policy,
-    ]
-    if options.rate_limit:
-        argv += ["--rate-limit", options.rate_limit]
-    if options.faults:
-        argv += ["--faults", options.faults]
-    if options.timeout_scale != 1.0:
-        argv += ["--timeout-scale", str(options.timeout_scale)]
+    argv = [sys.executable, "-m", "fleetctl", "server", *options.argv()]
     # posix_spawn, not Popen: the server outlives this process, which must
     # neither wait for it nor hold an object that warns when it is collected.
     with open(data_dir / "server.log", "ab") as log, open(os.devnull, "rb") as null:
@@ -248,7 +117,7 @@ def restart(options: ServerOptions) -> ServerInfo:
     the new server adopts every sandbox still running (e.g. after an upgrade)."""
     data_dir = options.directory
     if running(data_dir) is not None:
-        (data_dir / "restarting").touch()
+        restart_marker(data_dir).touch()
         stop(data_dir)
     return start_background(options)
 
@@ -278,3 +147,22 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def local_context(api_key: str | None) -> tuple[str, str]:
+    """The SDK's `local` context: the server of the default data dir, started in the
+    background (saying so on stderr) when none answers; returns (URL, API key)."""
+    data_dir = default_data_dir()
+    info = running(data_dir)
+    if info is None:
+        try:
+            info = start_background(ServerOptions(data_dir=data_dir))
+        except ServerError:
+            # the default port may be taken (another data dir's server): any free one
+            # will do, since clients find the server through the data dir
+            info = start_background(ServerOptions(data_dir=data_dir, port=0))
+        print(
+            f"fleetctl: started the local sandbox server on {info.url} (data dir {data_dir})",
+            file=sys.stderr,
+        )
+    return info.url, api_key or api_token(data_dir)

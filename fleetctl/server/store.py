@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fleetctl.contract import FINAL_STATUSES
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
@@ -180,7 +182,8 @@ class Store:
             where.append("status = ?")
             args.append(status)
         if active_only:
-            where.append("status NOT IN ('TERMINATED', 'ERROR', 'TIMEOUT')")
+            where.append(f"status NOT IN ({', '.join('?' * len(FINAL_STATUSES))})")
+            args += sorted(FINAL_STATUSES)
         for label in dict.fromkeys(labels):
             where.append("EXISTS (SELECT 1 FROM json_each(sandboxes.labels) WHERE value = ?)")
             args.append(label)

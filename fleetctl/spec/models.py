@@ -19,6 +19,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fleetctl import contract
+from fleetctl.contract import RESERVED_PORTS
+
 API_VERSION = "fleetctl/v1"
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -37,9 +40,6 @@ PATTERN_HINTS = {
     ABS_PATH_PATTERN: "must be an absolute path inside the sandbox (starting with /)",
 }
 
-#: Ports the sandbox platform keeps for itself; they can never be exposed.
-RESERVED_PORTS = frozenset({2222, 8080, 8081})
-
 #: Labels starting with this prefix are fleetctl's own bookkeeping.
 RESERVED_LABEL_PREFIX = "fleetctl."
 
@@ -48,9 +48,8 @@ def _not_reserved_port(port: int) -> int:
     if port in RESERVED_PORTS:
         raise PydanticCustomError(
             "reserved_port",
-            "port {port} is reserved by the sandbox platform (8080, 2222 and 8081 "
-            "cannot be exposed)",
-            {"port": port},
+            "port {port} is reserved by the sandbox platform ({reserved} cannot be exposed)",
+            {"port": port, "reserved": contract.RESERVED_PORTS_TEXT},
         )
     return port
 
@@ -100,10 +99,14 @@ EnvValue = Annotated[str, BeforeValidator(_env_value)]
 AbsPath = Annotated[str, Field(pattern=ABS_PATH_PATTERN, examples=["/workspace/results.json"])]
 Port = Annotated[
     int,
-    Field(ge=22, le=9000, json_schema_extra={"not": {"enum": sorted(RESERVED_PORTS)}}),
+    Field(
+        ge=contract.PORT_RANGE[0],
+        le=contract.PORT_RANGE[1],
+        json_schema_extra={"not": {"enum": sorted(RESERVED_PORTS)}},
+    ),
     AfterValidator(_not_reserved_port),
 ]
-Minutes = Annotated[int, Field(ge=1, le=1440)]
+Minutes = Annotated[int, Field(ge=1, le=contract.MAX_TIMEOUT_MINUTES)]
 
 
 class _Model(BaseModel):
@@ -159,7 +162,10 @@ class FileSpec(_Model):
 class Exposure(_Model):
     """A port inside the sandbox made reachable from outside."""
 
-    port: Port = Field(description="Port inside the sandbox: 22-9000, not 8080, 2222 or 8081.")
+    port: Port = Field(
+        description=f"Port inside the sandbox: {contract.PORT_RANGE[0]}-{contract.PORT_RANGE[1]}, "
+        f"not {contract.RESERVED_PORTS_TEXT}."
+    )
     name: Name | None = Field(None, description="Name of the exposure; defaults to port-<port>.")
     protocol: Literal["HTTP", "TCP"] = Field(
         "HTTP", description="HTTP gives a URL; TCP gives a host:port endpoint."
@@ -171,7 +177,9 @@ class Job(_Model):
 
     name: Name = Field(description="Job name, unique within its sandbox group.")
     command: str = Field(min_length=1, description="Shell command to run.")
-    timeout_minutes: Minutes = Field(60, description="Kill the job after this long (1-1440).")
+    timeout_minutes: Minutes = Field(
+        60, description=f"Kill the job after this long (1-{contract.MAX_TIMEOUT_MINUTES})."
+    )
     artifacts: list[AbsPath] = Field(
         default_factory=list,
         description="Files to download to ./artifacts/<fleet>/<sandbox>/ when the job ends.",
@@ -181,11 +189,11 @@ class Job(_Model):
 #: Values for settings that neither a group nor `defaults:` gives.
 SETTING_DEFAULTS: dict[str, Any] = {
     "start_command": None,
-    "cpu_cores": 1.0,
-    "memory_gb": 2.0,
-    "disk_size_gb": 10,
-    "timeout_minutes": 60,
-    "network_access": True,
+    "cpu_cores": contract.DEFAULT_CPU_CORES,
+    "memory_gb": contract.DEFAULT_MEMORY_GB,
+    "disk_size_gb": contract.DEFAULT_DISK_SIZE_GB,
+    "timeout_minutes": contract.DEFAULT_TIMEOUT_MINUTES,
+    "network_access": contract.DEFAULT_NETWORK_ACCESS,
 }
 
 
@@ -200,18 +208,27 @@ class SandboxSettings(_Model):
         min_length=1,
         description="Main process of the sandbox; when absent the sandbox stays idle.",
     )
-    cpu_cores: float | None = Field(None, gt=0, le=64, description="CPU cores (default 1).")
+    cpu_cores: float | None = Field(
+        None, gt=0, le=contract.MAX_CPU_CORES,
+        description=f"CPU cores (default {contract.DEFAULT_CPU_CORES:g}).",
+    )  # fmt: skip
     memory_gb: float | None = Field(
-        None, gt=0, le=512, description="Memory limit in GB (default 2)."
-    )
+        None, gt=0, le=contract.MAX_MEMORY_GB,
+        description=f"Memory limit in GB (default {contract.DEFAULT_MEMORY_GB:g}).",
+    )  # fmt: skip
     disk_size_gb: int | None = Field(
-        None, ge=1, le=1000, description="Disk size in GB (default 10)."
-    )
+        None, ge=1, le=contract.MAX_DISK_SIZE_GB,
+        description=f"Disk size in GB (default {contract.DEFAULT_DISK_SIZE_GB}).",
+    )  # fmt: skip
     timeout_minutes: Minutes | None = Field(
-        None, description="Lifetime: the sandbox is stopped after this long (1-1440, default 60)."
+        None,
+        description="Lifetime: the sandbox is stopped after this long "
+        f"(1-{contract.MAX_TIMEOUT_MINUTES}, default {contract.DEFAULT_TIMEOUT_MINUTES}).",
     )
     network_access: bool | None = Field(
-        None, description="Outbound network access (default true); false = loopback only."
+        None,
+        description=f"Outbound network access (default "
+        f"{str(contract.DEFAULT_NETWORK_ACCESS).lower()}); false = loopback only.",
     )
     env: dict[EnvName, EnvValue] | None = Field(
         None, description="Environment variables; merged with defaults, the group wins."

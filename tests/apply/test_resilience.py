@@ -28,33 +28,26 @@ from starlette.types import Receive, Scope, Send
 
 from fleetctl.cli import main
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
-from fleetctl.server.limits import FaultMiddleware, parse_faults
-from tests.conftest import Server, needs_sandboxes, own_server
-from tests.reliability.scenarios import control, read_events
+from fleetctl.server.faults import FaultMiddleware, parse_faults
+from tests.conftest import Server, control, faults, needs_sandboxes, own_server
+from tests.reliability.scenarios import read_events
 
 pytestmark = needs_sandboxes
 Event = dict[str, Any]
 FAULTS = "error=0.1,reset=0.05,seed=7,scope=control"
 
 
-@contextlib.contextmanager
-def extra_server(*flags: str) -> Iterator[Server]:
-    """A server of our own (stopped by its PID through `stop_server` after)."""
-    with own_server(*flags) as (info, _):
-        yield info
-
-
 @pytest.fixture(scope="module")
 def throttled() -> Iterator[Server]:
     """Creates limited to 4/s: an apply of a dozen sandboxes takes seconds, not milliseconds."""
-    with extra_server("--rate-limit", "create=4/s") as info:
+    with own_server("--rate-limit", "create=4/s") as (info, _):
         yield info
 
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[Server]:
     """Creates limited to 5/s, and 15% of control-plane requests answered 5xx or reset."""
-    with extra_server("--rate-limit", "create=5/s", "--faults", FAULTS) as info:
+    with own_server("--rate-limit", "create=5/s", "--faults", FAULTS) as (info, _):
         yield info
 
 
@@ -86,7 +79,7 @@ def steer(server: Server, *pattern: bool) -> int:
     sequence = FaultSequence()
     deadline = time.monotonic() + 30
     while True:
-        stats = control(server, "GET", "/_fleetctl/faults")  # counts itself in `requests`
+        stats = faults(server, everyone=True)  # the read counts itself in `requests`
         upcoming = [sequence.faulted(stats["requests"] + i) for i in range(len(pattern))]
         if upcoming == list(pattern):
             return int(stats["error"] + stats["reset"])
@@ -116,9 +109,11 @@ class Fleet:
 
     def live(self) -> list[dict[str, Any]]:
         """Every (undeleted) sandbox carrying the fleet's label, whatever its status."""
-        found = control(
+        response = control(
             self.server, "GET", "/sandbox", params={"labels": self.labels, "per_page": 500}
         )
+        assert response.is_success, response.text
+        found = response.json()
         assert found["total"] == len(found["sandboxes"]), found["total"]
         return list(found["sandboxes"])
 
@@ -291,8 +286,8 @@ def test_apply_under_throttling_and_faults_creates_every_sandbox_once(
     assert len(fleet.wait_running()) == 20
     code, out, err = run(capsys, "plan", str(fleet.spec), "--detailed-exitcode")
     assert (code, out) == (0, "Plan: no changes.\n"), err
-    faults = control(faulty, "GET", "/_fleetctl/faults")
-    assert faults["error"] + faults["reset"] > 0, faults  # the faults really struck
+    suffered = faults(faulty)
+    assert suffered["error"] + suffered["reset"] > 0, suffered  # the faults really struck
 
 
 def test_destroy_by_spec_and_by_label_leave_nothing_under_faults(
@@ -309,8 +304,8 @@ def test_destroy_by_spec_and_by_label_leave_nothing_under_faults(
         assert fleet.keys() == fleet.wanted()
         struck = steer(faulty, *pattern)
         code, out, err = run(capsys, "destroy", *target, "--yes")
-        faults = control(faulty, "GET", "/_fleetctl/faults")
-        assert faults["error"] + faults["reset"] >= struck + sum(pattern), "no fault struck"
+        seen = faults(faulty, everyone=True)
+        assert seen["error"] + seen["reset"] >= struck + sum(pattern), "no fault struck"
         assert code == 0, out + err
         assert "Destroy: 5 sandbox(es)." in out
         assert "Destroyed 5; 0 failed." in out

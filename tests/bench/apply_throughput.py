@@ -6,8 +6,8 @@ Writes a spec with one group of n replicas (python:3.11-slim, memory_gb 0.25, no
 jobs or exposures) to a temp dir and starts a server with ``--rate-limit
 create=<rate>/s``. First it measures one sandbox's start time (create → RUNNING, status
 polled every few ms, through the SDK), then lets the create bucket refill and runs the
-apply in-process on the CLI's code path (`load` → `fleetctl.apply.run.prepare` →
-`make_plan` → `apply_plan`, with an `AsyncSandboxClient` on the server and the CLI's
+apply in-process on the CLI's code path (`load` → `fleetctl.plan.prepare.prepare` →
+`make_plan` → `execute`, with an `AsyncSandboxClient` on the server and the CLI's
 default `Options`). Every HTTP request of the apply is counted on the wire (patched
 `httpx.AsyncHTTPTransport`) by kind and status, beside the SDK's own `client.api.stats`.
 Afterwards it checks that n sandboxes of the fleet are RUNNING, destroys the fleet (bulk
@@ -46,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importab
 import anyio
 import httpx
 
-from fleetctl.apply import live
-from fleetctl.apply.executor import Options, Result
-from fleetctl.apply.run import apply_plan, make_plan, prepare
+from fleetctl.apply.executor import Options, Result, execute
 from fleetctl.plan.identity import fleet_label
 from fleetctl.plan.model import Action
 from fleetctl.plan.planner import Limits
+from fleetctl.plan.prepare import prepare
+from fleetctl.plan.refresh import make_plan, owned
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
 from fleetctl.spec import load
 from tests.conftest import start_server, stop_server
@@ -185,11 +185,11 @@ async def run_apply(url: str, token: str, spec: Path, n: int, parallelism: int) 
             the_plan = await make_plan(client, prepared, Limits())
             run.marks["planned"] = time.perf_counter() - started
             run.plan_summary = the_plan.summary()
-            run.result = await apply_plan(client, prepared, the_plan, Options(parallelism), emit)
+            run.result = await execute(the_plan, client, prepared, Options(parallelism), emit)
             run.marks["applied"] = time.perf_counter() - started
         run.stats = dict(client.api.stats)
-        owned = await live.owned(client, [FLEET])
-        run.running_after = sum(1 for s in owned if s.status == "RUNNING")
+        live = await owned(client, [FLEET])
+        run.running_after = sum(1 for s in live if s.status == "RUNNING")
         # What `apply` costs next time, when nothing changed: it stops after the plan.
         with wire_counter(run.replan_wire):
             started = time.perf_counter()

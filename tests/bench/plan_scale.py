@@ -3,7 +3,7 @@
     python tests/bench/plan_scale.py [--n 10000] [--repeat 3] [--profile]
 
 Loads a generated spec (one group, ``replicas: n``) with `fleetctl.spec.load_text`,
-digests it with `fleetctl.apply.run.prepare` (the path `apply` takes), and builds n
+digests it with `fleetctl.plan.prepare.prepare` (the path `apply` takes), and builds n
 `LiveSandbox` records as `live.owned` would return them (the three fleetctl labels
 each): most up to date, some with a changed digest, some dead, some duplicates of a
 key and some keys the spec no longer has. Then times `plan(...)` in memory `--repeat`
@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fleetctl.apply.run import Prepared, prepare
 from fleetctl.plan.identity import DIGEST_LABEL, KEY_LABEL, fleet_label
 from fleetctl.plan.model import Action, LiveSandbox, Plan
 from fleetctl.plan.planner import Limits, plan
+from fleetctl.plan.prepare import Prepared, prepare
 from fleetctl.spec import load_text
 
 FLEET = "scale"

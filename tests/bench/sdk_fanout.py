@@ -45,7 +45,7 @@ import httpx
 import prime_sandboxes
 
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
-from fleetctl.server.limits import classify
+from fleetctl.server.ratelimit import classify
 from tests.conftest import start_server, stop_server
 
 IMAGE = "python:3.11-slim"

@@ -4,8 +4,10 @@ Each scenario starts servers of its own (stopped by PID after), drives `fleetctl
 as subprocesses, and returns a `Tally` of what it observed instead of asserting:
 the tests in this package assert the tally is clean, and
 `tests/bench/reliability_report.py` prints it. Counting is done through the API by
-fleetctl's own fleet label with an oracle client (`control`) that retries injected
-5xx and resets itself, so it never shares a retry bug with the SDK under test.
+fleetctl's own fleet label with the oracle (`tests.conftest.control`), which has an
+API key of its own and retries injected 5xx and resets itself, so it never shares a
+retry bug with the SDK under test, and the faults it meets are not counted as the
+system's.
 
     duplicates  sandboxes beyond the first for one fleet key, after an apply
     leaked      sandbox dirs, cgroups or processes left on the host after a destroy
@@ -32,10 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
-from tests.conftest import Server, own_server, start_server, stop_server, traversable_dir
+from tests.conftest import (
+    Server,
+    control,
+    faults,
+    own_server,
+    start_server,
+    stop_server,
+    traversable_dir,
+)
 
 Event = dict[str, Any]
 FAULTS = "error=0.1,reset=0.05,seed=7,scope=control"
@@ -77,32 +85,10 @@ class Tally:
 # --- servers and the oracle -------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def extra_server(*flags: str) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
-    """A server of our own on a fresh data dir; SIGTERMed by PID after unless already dead."""
-    with own_server(*flags) as started:
-        yield started
-
-
-def control(server: Server, method: str, path: str, **kwargs: Any) -> Any:
-    """One control-plane call, retried through injected 5xx and resets; its JSON body."""
-    deadline = time.monotonic() + 30
-    with server.client() as client:
-        while True:
-            try:
-                response = client.request(method, path, **kwargs)
-                if response.status_code < 500 and response.status_code != 429:
-                    assert response.is_success, response.text
-                    return response.json()
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{method} {path} kept failing for 30s"
-            time.sleep(0.05)
-
-
 def faults_injected(server: Server) -> int:
-    stats = control(server, "GET", "/_fleetctl/faults")
-    return int(stats.get("error", 0) + stats.get("reset", 0))  # no counts: no faults set
+    """Errors, resets and lost responses the client under test met (not the oracle)."""
+    suffered = faults(server)
+    return sum(suffered.get(kind, 0) for kind in ("error", "reset", "after"))
 
 
 # --- fleets -----------------------------------------------------------------------------
@@ -145,12 +131,14 @@ class Fleet:
 
     def live(self) -> list[dict[str, Any]]:
         """Every (undeleted) sandbox carrying the fleet's label, whatever its status."""
-        found = control(
+        response = control(
             self.server,
             "GET",
             "/sandbox",
             params={"labels": [fleet_label(self.name)], "per_page": 500},
         )
+        assert response.is_success, response.text
+        found = response.json()
         assert found["total"] == len(found["sandboxes"]), found["total"]
         return list(found["sandboxes"])
 
@@ -335,7 +323,7 @@ def soak(rounds: int, sandboxes: int, workdir: Path) -> Tally:
     with injected control-plane faults and creates limited to 20/s."""
     tally = Tally()
     flags = ("--faults", FAULTS, "--rate-limit", "create=20/s")
-    with extra_server(*flags) as (server, _):
+    with own_server(*flags) as (server, _):
         for number in range(rounds):
             what = f"soak round {number}"
             fleet = Fleet.write(server, workdir, f"soak-{number}", sandboxes)
@@ -355,7 +343,7 @@ def crash_apply(sandboxes: int, seed: int, workdir: Path) -> Tally:
     exactly one sandbox per key, keeping every sandbox the killed run made."""
     tally = Tally(rounds=1)
     kill_after = random.Random(seed).randint(1, max(1, sandboxes - 2))
-    with extra_server("--rate-limit", "create=8/s") as (server, _):
+    with own_server("--rate-limit", "create=8/s") as (server, _):
         fleet = Fleet.write(server, workdir, f"crash-apply-{seed}", sandboxes)
         process = fleet.spawn_apply()
         with reaped(process):

@@ -51,8 +51,7 @@ from fleetctl.sandboxes import (
 )
 from fleetctl.sandboxes.config import PRIME_DEFAULT_URL, Endpoint, resolve
 from fleetctl.server import daemon
-from fleetctl.server.runtime.host import probe
-from tests.conftest import Server, needs_sandboxes, own_server, traversable_dir
+from tests.conftest import Server, acontrol, faults, needs_sandboxes, own_server, traversable_dir
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -188,26 +187,9 @@ async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeou
     return result
 
 
-async def control(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """A control-plane call through plain httpx that retries transport errors and 5xx itself."""
-    deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(
-        base_url=f"{server.url}/api/v1",
-        headers={"Authorization": f"Bearer {server.token}"},
-        timeout=30,
-    ) as client:
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                response = await client.request(method, path, **kwargs)
-                if response.status_code < 500:
-                    return response
-            assert time.monotonic() < deadline, f"{method} {path} kept failing"
-            await anyio.sleep(0.02)
-
-
 async def labelled(server: Server, label: str) -> list[str]:
     """Ids of the live sandboxes carrying `label`, as the server itself reports them."""
-    response = await control(server, "GET", "/sandbox", params={"labels": label, "per_page": 500})
+    response = await acontrol(server, "GET", "/sandbox", params={"labels": label, "per_page": 500})
     assert response.status_code == 200, response.text
     return sorted(item["id"] for item in response.json()["sandboxes"])
 
@@ -313,7 +295,7 @@ async def connect(server: Server, label: str) -> AsyncIterator[Connect]:
     for sdk in opened:
         await sdk.aclose()
     for target in used.values():
-        response = await control(target, "DELETE", "/sandbox", json={"labels": [label]})
+        response = await acontrol(target, "DELETE", "/sandbox", json={"labels": [label]})
         assert response.status_code == 200, response.text
 
 
@@ -323,39 +305,30 @@ def sdk(connect: Connect, flavor: Flavor) -> Sdk:
     return connect(flavor)
 
 
-@contextlib.contextmanager
-def extra_server(*flags: str) -> Iterator[Server]:
-    if not probe().can_run:
-        pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
-    with own_server(*flags) as (info, _):
-        yield info
-    assert not list((info.data_dir / "sandboxes").glob("*")), "server stop left sandboxes"
-
-
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[Server]:
     """Half the control-plane requests fail: 30% answer 500/502/503, 20% drop mid-response."""
-    with extra_server("--faults", FAULTS) as info:
+    with own_server("--faults", FAULTS) as (info, _):
         yield info
 
 
 @pytest.fixture(scope="module")
 def throttled() -> Iterator[Server]:
-    with extra_server("--rate-limit", "create=5/s") as info:
+    with own_server("--rate-limit", "create=5/s") as (info, _):
         yield info
 
 
 @pytest.fixture(scope="module")
 def fast_clock() -> Iterator[Server]:
     """Lifetimes run 100x fast: timeout_minutes=1 ends a sandbox after 0.6 s."""
-    with extra_server("--timeout-scale", "0.01") as info:
+    with own_server("--timeout-scale", "0.01") as (info, _):
         yield info
 
 
 @pytest.fixture(scope="module")
 def strict_images() -> Iterator[Server]:
     """No image has a local rootfs here, so every sandbox fails with IMAGE_PULL_FAILED."""
-    with extra_server("--image-policy", "strict") as info:
+    with own_server("--image-policy", "strict") as (info, _):
         yield info
 
 
@@ -765,7 +738,7 @@ async def test_data_plane_calls_on_a_deleted_sandbox_raise_not_running(
     for sandbox in (through_sdk, behind_its_back):  # caches a gateway token for each
         await sdk.execute_command(sandbox.id, "echo kept > kept.txt")
     await sdk.delete(through_sdk.id)
-    await control(server, "DELETE", f"/sandbox/{behind_its_back.id}")
+    await acontrol(server, "DELETE", f"/sandbox/{behind_its_back.id}")
     source = tmp_path / "up.txt"
     source.write_text("x")
     sandbox_id = behind_its_back.id
@@ -938,8 +911,8 @@ async def test_creates_through_faults_all_return_and_retries_never_duplicate(
     assert all(len(keys) == 1 for keys in keys_by_create.values()), keys_by_create
     assert len(set.union(*keys_by_create.values())) == 30, "two creates shared a key"
     assert len(bodies) > 30, "no create was retried: the faults never struck"
-    stats = (await control(faulty, "GET", "/_fleetctl/faults")).json()
-    assert stats["error"] + stats["reset"] > 0
+    suffered = await anyio.to_thread.run_sync(faults, faulty)
+    assert suffered["error"] + suffered["reset"] > 0
 
 
 @pytest.mark.anyio

@@ -12,16 +12,18 @@ import uvicorn
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleetctl.server.limits import (
+from fleetctl.server.faults import (
     FaultConfig,
     FaultMiddleware,
     FaultStats,
     InjectedReset,
+    parse_faults,
+)
+from fleetctl.server.ratelimit import (
     Rate,
     RateClass,
     RateLimitMiddleware,
     classify,
-    parse_faults,
     parse_rate_limits,
 )
 
@@ -307,7 +309,7 @@ def test_parse_faults_empty_injects_nothing(text: str) -> None:
         ("latency=1s..", "bad latency '1s..'"),
         ("seed=x", "bad seed 'x' (expected an integer)"),
         ("scope=both", "bad scope 'both' (expected one of all, control, data)"),
-        ("boom=1", "unknown key 'boom' (expected error, reset, latency, kill_sandbox, seed"),
+        ("boom=1", "unknown key 'boom' (expected error, reset, after, latency, kill_sandbox"),
         ("error=0.6,reset=0.5", "error + reset must not exceed 1"),
         ("seed=1,seed=2", "'seed' is given more than once"),
         ("error", "'error' is not KEY=VALUE"),
@@ -335,7 +337,7 @@ async def test_error_fault_answers_5xx_json_without_calling_the_app() -> None:
             "detail": f"injected fault: HTTP {response.status_code}; the request was not handled"
         }
     assert app.calls == []
-    assert faulty.stats == FaultStats(requests=30, error=30)
+    assert faulty.total() == FaultStats(requests=30, error=30)
 
 
 @pytest.mark.anyio
@@ -361,7 +363,7 @@ async def test_reset_sends_a_truncated_response_then_raises_without_calling_the_
     assert body["more_body"] is True
     assert 0 < len(body["body"]) < promised
     assert app.calls == []
-    assert faulty.stats == FaultStats(requests=1, reset=1)
+    assert faulty.total() == FaultStats(requests=1, reset=1)
 
 
 @pytest.mark.anyio
@@ -397,7 +399,7 @@ async def test_latency_sleeps_within_the_range_then_handles_the_request() -> Non
     assert all(0.05 <= delay <= 2.0 for delay in sleep.delays)
     assert len(set(sleep.delays)) == 20  # drawn, not fixed
     assert len(app.calls) == 20
-    assert faulty.stats == FaultStats(requests=20, latency=20)
+    assert faulty.total() == FaultStats(requests=20, latency=20)
 
 
 @pytest.mark.parametrize(
@@ -419,7 +421,7 @@ async def test_scope_selects_which_requests_are_eligible(
         assert (await http.get(spared)).status_code == 200
         assert (await http.get(faulted)).status_code >= 500
     assert app.calls == [("GET", spared)]
-    assert faulty.stats == FaultStats(requests=1, error=1)
+    assert faulty.total() == FaultStats(requests=1, error=1)
 
 
 @pytest.mark.anyio
@@ -432,7 +434,7 @@ async def test_kill_sandbox_calls_the_callback_and_still_handles_the_request() -
     assert len(kill.draws) == 3
     assert len(set(kill.draws)) == 3  # each kill gets a freshly seeded Random
     assert len(app.calls) == 3
-    assert faulty.stats == FaultStats(requests=3, kill_sandbox=3)
+    assert faulty.total() == FaultStats(requests=3, kill_sandbox=3)
 
 
 @pytest.mark.anyio
@@ -441,7 +443,7 @@ async def test_kill_sandbox_without_a_callback_is_neither_done_nor_counted() -> 
     faulty = FaultMiddleware(app, parse_faults("kill_sandbox=1"))
     async with client(faulty) as http:
         assert (await http.get(SANDBOXES)).status_code == 200
-    assert faulty.stats == FaultStats(requests=1)
+    assert faulty.total() == FaultStats(requests=1)
 
 
 async def run_chaos(seed: int) -> tuple[list[str], list[float], list[float], FaultStats]:
@@ -459,7 +461,7 @@ async def run_chaos(seed: int) -> tuple[list[str], list[float], list[float], Fau
                 outcomes.append(str((await http.post(path)).status_code))
             except InjectedReset:
                 outcomes.append("reset")
-    return outcomes, sleep.delays, kill.draws, faulty.stats
+    return outcomes, sleep.delays, kill.draws, faulty.total()
 
 
 @pytest.mark.anyio
@@ -482,3 +484,61 @@ async def test_same_seed_and_requests_replay_the_same_faults() -> None:
 @pytest.mark.anyio
 async def test_different_seeds_make_different_faults() -> None:
     assert await run_chaos(seed=7) != await run_chaos(seed=8)
+
+
+@pytest.mark.anyio
+async def test_after_fault_handles_the_request_then_loses_its_response() -> None:
+    """`after` lets the app do the work, then either cuts the connection mid-response or
+    answers a 200 whose body is not JSON: the client cannot tell the work was done."""
+    app = Recorder()
+    faulty = FaultMiddleware(app, parse_faults("after=1,seed=5"), sleep=SleepRecorder())
+    outcomes: list[str] = []
+    async with client(faulty) as http:
+        for _ in range(20):
+            try:
+                response = await http.post(SANDBOXES)
+            except InjectedReset:
+                outcomes.append("dropped")
+                continue
+            assert response.status_code == 200
+            with pytest.raises(ValueError, match=r"Expecting value|Invalid"):
+                response.json()
+            outcomes.append("garbled")
+    assert len(app.calls) == 20, "every request was handled before its response was lost"
+    assert {"dropped", "garbled"} == set(outcomes)
+    assert faulty.total() == FaultStats(requests=20, after=20)
+
+
+@pytest.mark.anyio
+async def test_after_leaves_the_error_and_reset_sequence_of_a_seed_unchanged() -> None:
+    """`after` draws from a stream of its own: adding it moves no other fault."""
+
+    async def outcomes(spec: str) -> list[str]:
+        faulty = FaultMiddleware(Recorder(), parse_faults(spec), sleep=SleepRecorder())
+        seen: list[str] = []
+        async with client(faulty) as http:
+            for _ in range(60):
+                try:
+                    status = (await http.post(SANDBOXES)).status_code
+                    seen.append("5xx" if status >= 500 else "other")
+                except InjectedReset:
+                    seen.append("reset-or-dropped")
+        return seen
+
+    without = await outcomes("error=0.2,reset=0.1,seed=9")
+    with_after = await outcomes("error=0.2,reset=0.1,after=0.3,seed=9")
+    assert [o == "5xx" for o in without] == [o == "5xx" for o in with_after]
+    assert with_after.count("reset-or-dropped") > without.count("reset-or-dropped") > 0
+
+
+@pytest.mark.anyio
+async def test_faults_are_counted_per_api_key_without_naming_the_key() -> None:
+    faulty = FaultMiddleware(Recorder(), parse_faults("error=1"), sleep=SleepRecorder())
+    async with client(faulty) as http:
+        for key, times in (("key-under-test", 3), ("oracle-key", 2)):
+            for _ in range(times):
+                await http.get(SANDBOXES, headers=bearer(key))
+    counts = sorted(stats.error for stats in faulty.stats.values())
+    assert counts == [2, 3]
+    assert not any("key" in name for name in faulty.stats), "a key itself was shown"
+    assert faulty.total() == FaultStats(requests=5, error=5)

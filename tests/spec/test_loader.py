@@ -38,7 +38,7 @@ INVALID = [
         HEADER + "sandboxes:\n  - name: a\n    image: x\n    expose:\n      - {port: 8080}\n",
         [
             "8:16: sandboxes[0].expose[0].port: port 8080 is reserved by the sandbox platform "
-            "(8080, 2222 and 8081 cannot be exposed)"
+            "(2222, 8080 and 8081 cannot be exposed)"
         ],
         id="reserved-port",
     ),

@@ -1,4 +1,8 @@
-"""One `plan` / `apply` / `destroy` run: specs → secrets and digests → live → plan → execute."""
+"""The desired side of a plan: every secret resolved, every desired sandbox digested.
+
+Secrets enter digests through an HMAC keyed by FLEETCTL_DIGEST_KEY, else by the API
+key: whoever reads labels cannot recover a secret from them. Values stay in memory.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetctl.apply import live
-from fleetctl.apply.executor import Emit, Options, Result, execute
-from fleetctl.apply.secrets import resolve
 from fleetctl.plan.identity import digest
-from fleetctl.plan.model import Plan
-from fleetctl.plan.planner import Limits, plan
-from fleetctl.sandboxes import AsyncSandboxClient
+from fleetctl.plan.secrets import resolve
 from fleetctl.spec.expand import DesiredSandbox, Fleet
 
 DIGEST_KEY_ENV = "FLEETCTL_DIGEST_KEY"
@@ -32,11 +31,7 @@ class Prepared:
 
 
 def prepare(fleets: Sequence[Fleet], api_key: str) -> Prepared:
-    """Resolve every secret and digest every desired sandbox.
-
-    Secrets enter digests through an HMAC keyed by FLEETCTL_DIGEST_KEY, else by
-    the API key: whoever reads labels cannot recover a secret from them.
-    """
+    """Resolve every secret and digest every desired sandbox (and every file source)."""
     secret_key = hashlib.sha256((os.environ.get(DIGEST_KEY_ENV) or api_key).encode()).digest()
     desired: list[DesiredSandbox] = []
     digests: dict[tuple[str, str], str] = {}
@@ -61,27 +56,3 @@ def content_digest(source: Path) -> str:
         hasher.update(str(path.relative_to(source) if source.is_dir() else "").encode() + b"\0")
         hasher.update(path.read_bytes())
     return hasher.hexdigest()[:16]
-
-
-async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limits) -> Plan:
-    inside = {(s.fleet, s.key) for s in prepared.desired if s.files or s.jobs}
-    owned = await live.owned(client, prepared.fleets, facts=True, look_inside=inside)
-    return plan(
-        prepared.desired, prepared.digests, owned, prepared.fleets, limits, prepared.file_digests
-    )
-
-
-async def apply_plan(
-    client: AsyncSandboxClient,
-    prepared: Prepared,
-    the_plan: Plan,
-    options: Options,
-    emit: Emit,
-    result: Result | None = None,
-) -> Result:
-    """Carry out the plan; `result` (if given) fills as work finishes, so an interrupted
-    run can still say what it did."""
-    return await execute(
-        the_plan, client, prepared.digests, prepared.secrets, options, emit,
-        prepared.file_digests, result,
-    )  # fmt: skip

@@ -17,16 +17,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetctl.server.runtime.host import CGROUP_ROOT, CONTROLLERS, cgroup_version, own_cgroup
+from fleetctl.server.runtime.base import Limits
+from fleetctl.server.runtime.bwrap.host import CGROUP_ROOT, CONTROLLERS, cgroup_version, own_cgroup
 
 CPU_PERIOD_US = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    memory_bytes: int
-    cpu_cores: float
-    pids: int
 
 
 @dataclass(frozen=True, slots=True)

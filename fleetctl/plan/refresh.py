@@ -1,4 +1,9 @@
-"""Reading live state: the fleet's sandboxes, found by fleetctl's own labels."""
+"""Refresh: reading live state before planning (terraform's refresh, then plan).
+
+A fleet's sandboxes are found by fleetctl's own labels; for those the spec could
+change in place, what is inside them is read too (exposures, uploaded files, jobs
+started). `make_plan` is refresh followed by the pure planner.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,37 @@ from dataclasses import replace
 
 import anyio
 
-from fleetctl.apply.executor import FILES_MARKER
-from fleetctl.plan.identity import fleet_label, parse
-from fleetctl.plan.model import LiveSandbox
+from fleetctl.contract import SandboxStatus, job_files
+from fleetctl.plan.identity import FILES_MARKER, JOB_PREFIX, fleet_label, parse
+from fleetctl.plan.model import LiveSandbox, Plan
+from fleetctl.plan.planner import Limits, plan
+from fleetctl.plan.prepare import Prepared
 from fleetctl.sandboxes import APIError, AsyncSandboxClient, Sandbox, SandboxNotRunningError
 
-#: One exec per sandbox: the uploaded files' digests, then the spec jobs started.
-FACTS_SCRIPT = (
-    f"sed 's/^/file /' {FILES_MARKER} 2>/dev/null; "
-    'for f in /tmp/job_fleetctl-*.stdout.log; do [ -e "$f" ] || continue; '
-    'f=${f#/tmp/job_fleetctl-}; echo "job ${f%.stdout.log}"; done; true'
-)
+PAGE = 100
+FACTS_PARALLELISM = 32
+
+
+def _facts_script() -> str:
+    """One exec per sandbox: the uploaded files' digests, then the spec jobs started."""
+    logs = job_files(JOB_PREFIX + "*").stdout  # e.g. /tmp/job_fleetctl-*.stdout.log
+    head, _, tail = logs.partition("*")
+    return (
+        f"sed 's/^/file /' {FILES_MARKER} 2>/dev/null; "
+        f'for f in {logs}; do [ -e "$f" ] || continue; '
+        f'f=${{f#{head}}}; echo "job ${{f%{tail}}}"; done; true'
+    )
+
+
+FACTS_SCRIPT = _facts_script()
+
+
+async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limits) -> Plan:
+    """Refresh the fleets' live state, then plan against it."""
+    inside = {(s.fleet, s.key) for s in prepared.desired if s.files or s.jobs}
+    live = await owned(client, prepared.fleets, facts=True, look_inside=inside)
+    return plan(prepared.desired, prepared.digests, live, prepared.fleets, limits,
+                prepared.file_digests)  # fmt: skip
 
 
 async def owned(
@@ -43,10 +68,10 @@ async def owned(
                 ))  # fmt: skip
     if not facts:
         return found
-    limiter = anyio.CapacityLimiter(32)
+    limiter = anyio.CapacityLimiter(FACTS_PARALLELISM)
     async with anyio.create_task_group() as group:
         for index, known in enumerate(found):
-            if known.status == "RUNNING":
+            if known.status == SandboxStatus.RUNNING:
                 inside = (known.fleet, known.key) in look_inside
                 group.start_soon(_read_facts, client, found, index, limiter, inside)
     return found
@@ -88,7 +113,7 @@ async def list_all(client: AsyncSandboxClient, labels: Sequence[str]) -> list[Sa
     found: list[Sandbox] = []
     page = 1
     while True:
-        batch = await client.list(labels=list(labels), page=page, per_page=100)
+        batch = await client.list(labels=list(labels), page=page, per_page=PAGE)
         found += batch.sandboxes
         if not batch.has_next:
             return found

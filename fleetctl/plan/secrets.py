@@ -1,4 +1,8 @@
-"""Resolving secret references at apply time; values stay in memory only."""
+"""Resolving secret references at plan time; values stay in memory only.
+
+This is where a secret's value enters fleetctl, so this is where it is handed to
+the redaction step every output goes through (`fleetctl.redact`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fleetctl.errors import FleetError
+from fleetctl.redact import REDACTOR
 from fleetctl.spec import SecretRef
 
 
@@ -35,5 +40,6 @@ def resolve(refs: Mapping[str, SecretRef], spec_dir: Path) -> dict[str, str]:
                 f"secret {name}: {where} is not set (mark it optional: true "
                 "if the sandbox can run without it)"
             )
+        REDACTOR.add(value, ref.redacted())
         values[name] = value
     return values

@@ -1,0 +1,68 @@
+"""The local server's settings, declared once: what `fleetctl server` takes on its command
+line, what a background start passes on to the process it spawns, and their defaults.
+
+Light on purpose (no FastAPI, no uvicorn): the CLI declares its options from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7431
+ImagePolicy = Literal["host", "strict"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """How to run a server. `rate_limit` and `faults` are the flag values, parsed at start."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path | None = None
+    image_policy: ImagePolicy = "host"
+    rate_limit: str = ""
+    faults: str = ""
+    timeout_scale: float = 1.0
+    #: Files holding further API keys the server accepts (the data dir's token is the first).
+    api_key_files: tuple[Path, ...] = ()
+
+    @property
+    def directory(self) -> Path:
+        return self.data_dir or default_data_dir()
+
+    def argv(self) -> list[str]:
+        """The `fleetctl server` arguments that run a server with these options."""
+        args = ["--host", self.host, "--port", str(self.port), "--data-dir", str(self.directory),
+                "--image-policy", self.image_policy]  # fmt: skip
+        if self.rate_limit:
+            args += ["--rate-limit", self.rate_limit]
+        if self.faults:
+            args += ["--faults", self.faults]
+        if self.timeout_scale != 1.0:
+            args += ["--timeout-scale", str(self.timeout_scale)]
+        for path in self.api_key_files:
+            args += ["--api-key-file", str(path)]
+        return args
+
+
+def default_data_dir() -> Path:
+    """FLEETCTL_DATA_DIR, else /var/lib/fleetctl for root, else ~/.local/share/fleetctl.
+
+    Root's default is outside /root on purpose: sandbox uids must traverse it.
+    """
+    if "FLEETCTL_DATA_DIR" in os.environ:
+        return Path(os.environ["FLEETCTL_DATA_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/fleetctl")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fleetctl"
+
+
+def restart_marker(data_dir: Path) -> Path:
+    """While this file exists, a server that stops leaves its sandboxes running for the
+    next one to adopt (`fleetctl server restart`)."""
+    return data_dir / "restarting"

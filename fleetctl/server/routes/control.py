@@ -1,0 +1,218 @@
+"""The control plane, /api/v1: sandboxes, their logs and exposures, and gateway auth.
+
+Requests arrive in snake_case; sandbox and list responses go out in camelCase,
+as the official SDK parses them (see `fleetctl.server.api`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from fleetctl import __version__
+from fleetctl.contract import SandboxStatus
+from fleetctl.server import api
+from fleetctl.server.asgi import CONTROL_PREFIX, DATA_PREFIX, bearer, key_id
+from fleetctl.server.faults import FaultMiddleware
+from fleetctl.server.routes.deps import Service, api_key
+from fleetctl.server.store import ExposureRecord, SandboxRecord
+
+USER_NS = "local"
+
+public = APIRouter(prefix=CONTROL_PREFIX)
+router = APIRouter(prefix=CONTROL_PREFIX, dependencies=[Depends(api_key)])
+camel: dict[str, Any] = {"response_model_by_alias": True}
+
+
+@public.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@router.post("/sandbox", response_model=api.Sandbox, **camel)
+async def create(service: Service, body: api.CreateSandbox) -> api.Sandbox:
+    return sandbox_view(await service.sandboxes.create(body))
+
+
+@router.get("/sandbox", response_model=api.SandboxList, **camel)
+def list_sandboxes(
+    service: Service,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    per_page: Annotated[int, Query(ge=1, le=500)] = 50,
+    labels: Annotated[list[str] | None, Query()] = None,
+    status: str | None = None,
+    is_active: bool | None = None,
+) -> api.SandboxList:
+    records, total = service.store.query(
+        labels=labels or [],
+        status=status,
+        active_only=bool(is_active),
+        offset=(page - 1) * per_page,
+        limit=per_page,
+    )
+    return api.SandboxList(
+        sandboxes=[sandbox_view(r) for r in records],
+        total=total,
+        page=page,
+        per_page=per_page,
+        has_next=page * per_page < total,
+    )
+
+
+@router.get("/sandbox/expose/all", response_model=api.ExposedPortList)
+def all_exposures(service: Service, request: Request) -> api.ExposedPortList:
+    return api.ExposedPortList(
+        exposures=[exposure_view(e, request) for e in service.store.exposures()]
+    )
+
+
+@router.post("/sandbox/status:batchGet", response_model=api.BatchStatusResponse, **camel)
+def batch_status(service: Service, body: api.BatchStatus) -> api.BatchStatusResponse:
+    items = []
+    for sandbox_id in body.sandbox_ids:
+        record = service.store.get(sandbox_id)
+        if record is None:
+            items.append(api.BatchStatusItem(id=sandbox_id, error="not found"))
+        else:
+            items.append(
+                api.BatchStatusItem(
+                    id=sandbox_id,
+                    status=SandboxStatus(record.status),
+                    error_type=record.error_type,
+                    error_message=record.error_message,
+                )
+            )
+    return api.BatchStatusResponse(sandboxes=items)
+
+
+@router.get("/sandbox/{sandbox_id}", response_model=api.Sandbox, **camel)
+def get(service: Service, sandbox_id: str) -> api.Sandbox:
+    return sandbox_view(service.sandboxes.get(sandbox_id))
+
+
+@router.delete("/sandbox/{sandbox_id}")
+async def delete(service: Service, sandbox_id: str) -> dict[str, Any]:
+    record = await service.sandboxes.delete(sandbox_id)
+    return {"success": True, "id": record.id, "status": record.status}
+
+
+@router.delete("/sandbox", response_model=api.BulkDeleteResponse)
+async def bulk_delete(service: Service, body: api.BulkDelete) -> api.BulkDeleteResponse:
+    succeeded, failed = await service.sandboxes.bulk_delete(body.sandbox_ids, body.labels)
+    return api.BulkDeleteResponse(
+        succeeded=succeeded,
+        failed=failed,
+        message=f"deleted {len(succeeded)} sandbox(es), {len(failed)} failed",
+    )
+
+
+@router.get("/sandbox/{sandbox_id}/logs", response_model=api.Logs)
+def logs(service: Service, sandbox_id: str) -> api.Logs:
+    return api.Logs(logs=service.sandboxes.logs(sandbox_id))
+
+
+@router.get("/sandbox/{sandbox_id}/error-context", response_model=api.ErrorContext, **camel)
+def error_context(service: Service, sandbox_id: str) -> api.ErrorContext:
+    record = service.sandboxes.get(sandbox_id)
+    return api.ErrorContext(
+        status=SandboxStatus(record.status),
+        error_type=record.error_type,
+        error_message=record.error_message,
+    )
+
+
+@router.post("/sandbox/{sandbox_id}/auth", response_model=api.GatewayAuth)
+def auth(service: Service, sandbox_id: str, request: Request) -> api.GatewayAuth:
+    token, expires = service.data.issue_token(sandbox_id)
+    return api.GatewayAuth(
+        token=token,
+        gateway_url=str(request.base_url).rstrip("/") + DATA_PREFIX,
+        user_ns=USER_NS,
+        job_id=sandbox_id,
+        expires_at=expires.isoformat().replace("+00:00", "Z"),
+    )
+
+
+@router.post("/sandbox/{sandbox_id}/expose", response_model=api.ExposedPort)
+async def expose(
+    service: Service, sandbox_id: str, body: api.ExposeRequest, request: Request
+) -> api.ExposedPort:
+    return exposure_view(await service.data.expose(sandbox_id, body), request)
+
+
+@router.get("/sandbox/{sandbox_id}/expose", response_model=api.ExposedPortList)
+def list_exposures(service: Service, sandbox_id: str, request: Request) -> api.ExposedPortList:
+    exposures = service.data.exposures(sandbox_id)
+    return api.ExposedPortList(exposures=[exposure_view(e, request) for e in exposures])
+
+
+@router.delete("/sandbox/{sandbox_id}/expose/{exposure_id}")
+async def unexpose(service: Service, sandbox_id: str, exposure_id: str) -> dict[str, Any]:
+    service.data.unexpose(sandbox_id, exposure_id)
+    return {"success": True, "exposure_id": exposure_id}
+
+
+@router.get("/_fleetctl/faults")
+def fault_stats(request: Request) -> dict[str, Any]:
+    """Faults injected so far: in total, per API key (by `key_id`), and for the caller."""
+    middleware = _fault_middleware(request.app.middleware_stack)
+    if middleware is None:
+        return {"total": {}, "by_key": {}, "caller": {}}
+    by_key = {name: dataclasses.asdict(stats) for name, stats in middleware.stats.items()}
+    return {"total": dataclasses.asdict(middleware.total()), "by_key": by_key,
+            "caller": by_key.get(key_id(bearer(request.scope)), {})}  # fmt: skip
+
+
+def _fault_middleware(current: Any) -> FaultMiddleware | None:
+    while current is not None:
+        if isinstance(current, FaultMiddleware):
+            return current
+        current = getattr(current, "app", None)
+    return None
+
+
+def sandbox_view(record: SandboxRecord) -> api.Sandbox:
+    request = record.request
+    return api.Sandbox(
+        id=record.id,
+        name=record.name,
+        docker_image=request["docker_image"],
+        start_command=request.get("start_command"),
+        cpu_cores=request["cpu_cores"],
+        memory_gb=request["memory_gb"],
+        disk_size_gb=request["disk_size_gb"],
+        network_access=request["network_access"],
+        status=SandboxStatus(record.status),
+        timeout_minutes=request["timeout_minutes"],
+        termination_reason=record.termination_reason,
+        environment_vars=request.get("environment_vars"),
+        labels=list(record.labels),
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        started_at=record.started_at,
+        terminated_at=record.terminated_at,
+        exit_code=record.exit_code,
+        error_type=record.error_type,
+        error_message=record.error_message,
+        image_source=record.image_source,
+    )
+
+
+def exposure_view(exposure: ExposureRecord, request: Request) -> api.ExposedPort:
+    host = request.url.hostname or "127.0.0.1"
+    endpoint = f"{host}:{exposure.listen_port}"
+    tcp = exposure.protocol == "TCP"
+    return api.ExposedPort(
+        exposure_id=exposure.id,
+        sandbox_id=exposure.sandbox_id,
+        port=exposure.port,
+        name=exposure.name,
+        url=f"tcp://{endpoint}" if tcp else f"http://{endpoint}",
+        tls_socket=endpoint,
+        protocol=exposure.protocol,
+        external_port=exposure.listen_port if tcp else None,
+        external_endpoint=endpoint if tcp else None,
+        created_at=exposure.created_at.isoformat(),
+    )

@@ -1,0 +1,159 @@
+"""The runtime seam: what the sandbox service needs from whatever really runs sandboxes.
+
+The service (lifecycle, monitor, data plane, adoption) talks to a runtime only
+through `Runtime`; bubblewrap on this machine (`runtime.bwrap`) is one
+implementation, and a cluster runtime can be another without the service
+changing. A runtime knows nothing of HTTP, the store or the API's records.
+
+A `Handle` is what a runtime needs to find a sandbox again: JSON data (no
+secrets) that the service keeps in the sandbox's record and hands back on every
+call, so sandboxes can be found after a server restart. Only the runtime reads it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from anyio.abc import ByteReceiveStream
+
+Handle = Mapping[str, Any]
+
+
+class RuntimeFailure(Exception):
+    """A sandbox could not be started or reached; the message says why."""
+
+
+class FileMissing(Exception):
+    """The file asked for does not exist in the sandbox."""
+
+
+class FileRefused(Exception):
+    """The sandbox cannot write or read that path; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory_bytes: int
+    cpu_cores: float
+    pids: int
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """What to start. `env` holds environment variables and secrets; it is never stored.
+    `start_command` None keeps the sandbox idle. `rootfs` None: the host's root filesystem."""
+
+    id: str
+    seq: int
+    start_command: str | None
+    env: Mapping[str, str]
+    network: bool
+    limits: Limits | None
+    rootfs: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A running sandbox's state, read cheaply (the monitor asks often)."""
+
+    alive: bool
+    oom_kills: int
+    exit_code: int | None = None  # of the main process, once it ended
+
+
+@dataclass(frozen=True, slots=True)
+class FileSlice:
+    """Part of a file: `content` starts at `offset` of a file of `total` bytes."""
+
+    content: bytes
+    offset: int
+    total: int
+
+
+class Runtime(Protocol):
+    """Starts, enters and removes sandboxes. Blocking methods are called from a worker
+    thread; async ones on the event loop."""
+
+    @property
+    def can_limit(self) -> bool:
+        """True when cpu, memory and process limits are enforced."""
+        ...
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        """Start a sandbox; return once its main process runs (blocking)."""
+        ...
+
+    def stop(self, sandbox_id: str, handle: Handle | None) -> None:
+        """Kill everything of the sandbox and remove what it holds on the host (blocking).
+        Without a handle (a start cut short) the sandbox is found by its id."""
+        ...
+
+    def kill(self, handle: Handle) -> None:
+        """Kill the sandbox's processes out of band, as a crashed node would."""
+        ...
+
+    def adopt(self, handle: Handle) -> dict[str, str] | None:
+        """After a server restart: the environment of a sandbox still running, or None
+        when it is gone."""
+        ...
+
+    def usage(self, handle: Handle) -> Usage: ...
+
+    def disk_usage(self, sandbox_id: str) -> int:
+        """Bytes the sandbox wrote (blocking; may walk its files)."""
+        ...
+
+    async def exec(
+        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+    ) -> ExecResult:
+        """Run a shell command as the sandbox's root; past `timeout`, kill it and everything
+        it started and answer `timed_out`."""
+        ...
+
+    async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:
+        """Write `chunks` to `path` (parents made); the bytes written. Raises FileRefused."""
+        ...
+
+    def get_file(
+        self, handle: Handle, path: str
+    ) -> AbstractAsyncContextManager[tuple[int, ByteReceiveStream]]:
+        """(size, stream) of a file. Raises FileMissing."""
+        ...
+
+    async def read_file(self, handle: Handle, path: str, offset: int, length: int) -> FileSlice:
+        """`length` bytes from `offset` (negative: from the end). Raises FileMissing or
+        FileRefused."""
+        ...
+
+    def connect(self, handle: Handle, port: int) -> socket.socket:
+        """A connection to 127.0.0.1:`port` inside the sandbox (blocking): exposures."""
+        ...
+
+    def append_log(self, sandbox_id: str, text: str) -> None:
+        """Add a line of the server's own to the sandbox's log."""
+        ...
+
+    def logs(self, sandbox_id: str, limit: int) -> str:
+        """The last `limit` bytes of the sandbox's log (its start command's output)."""
+        ...
+
+    def forget(self, sandbox_id: str) -> None:
+        """Remove what outlives a stopped sandbox (its log)."""
+        ...
+
+    def leftovers(self) -> set[str]:
+        """Ids of sandboxes that have something on the host, e.g. left by a killed server."""
+        ...

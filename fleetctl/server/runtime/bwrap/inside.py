@@ -1,0 +1,204 @@
+"""Running things inside a bubblewrap sandbox: commands and file transfers.
+
+`nsenter` joins every namespace of the sandbox's init process, `setpriv` drops
+every capability, then a shell runs as the sandbox's root. Files move in and
+out the same way, as the sandbox's own root, so a symlink a sandbox plants can
+never point a host-side open() outside it. Host-side processes get a fixed
+environment and absolute tool paths: nothing a caller chooses may steer a tool
+that runs as host root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, FileSlice
+from fleetctl.server.runtime.bwrap.cgroups import Cgroup
+
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The whole environment of every host-side process (shim, setpriv, bwrap, nsenter).
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+MAX_CAPTURE = 16 * 1024 * 1024
+#: Exit code of the transfer scripts for a file that does not exist.
+MISSING_FILE = 44
+#: File transfers resolve relative paths where exec runs by default.
+WORKDIR = "cd /workspace 2>/dev/null;"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """How to enter one sandbox: through its init process, joining its cgroups."""
+
+    nsenter: str
+    init_pid: int
+    cgroup: Cgroup | None
+
+    def argv(self, script: str, *args: str) -> list[str]:
+        # setpriv runs inside (after nsenter -r), from the read-only /usr lower layer
+        argv = [
+            self.nsenter, "-t", str(self.init_pid), "-a", "-r",
+            "/usr/bin/setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            "/bin/sh", "-c", script, "sh", *args,
+        ]  # fmt: skip
+        return in_cgroup(self.cgroup, argv)
+
+    @asynccontextmanager
+    async def enter(self, script: str, *args: str) -> AsyncIterator[Process]:
+        """Run a shell script inside as the sandbox's root, capabilities dropped.
+
+        The script sees only the base sandbox environment. The process leads its own
+        process group, which is killed on exit from the block if still running
+        (timeouts, cancelled requests).
+        """
+        process = await anyio.open_process(
+            self.argv(script, *args),
+            env=HOST_ENV,
+            start_new_session=True,
+            extra_groups=[],  # no host supplementary groups (gid 0) inside
+        )
+        try:
+            yield process
+        finally:
+            if process.returncode is None:
+                kill_group(process.pid)
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+
+    async def exec(
+        self, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+    ) -> ExecResult:
+        """Run `command` in `cwd`; past `timeout` its process group is killed."""
+        # The environment arrives on stdin as `export` lines, evaluated inside after
+        # capabilities are dropped; then eval in the shell that changed directory
+        # (one exec fewer than `sh -c`).
+        full_env = sandbox_env(env)
+        # `read` is a shell builtin (no fork); a value with a newline needs `cat`
+        load = (
+            'eval "$(cat)"'
+            if any("\n" in v for v in full_env.values())
+            else 'while IFS= read -r l; do eval "$l"; done'
+        )
+        script = f'{load}; cd -- "$1" || exit 1; shift; eval "$1"'
+        async with self.enter(script, cwd, command) as process:
+            out, err = bytearray(), bytearray()
+            with anyio.move_on_after(timeout) as scope:
+                async with anyio.create_task_group() as group:
+                    assert process.stdout is not None
+                    assert process.stderr is not None
+                    group.start_soon(_collect, process.stdout, out)
+                    group.start_soon(_collect, process.stderr, err)
+                    if process.stdin is not None:
+                        await process.stdin.send(_exports(full_env))
+                        await process.stdin.aclose()
+                await process.wait()
+            if scope.cancelled_caught:
+                kill_group(process.pid)
+                return ExecResult(-1, bytes(out), bytes(err), timed_out=True)
+            return ExecResult(process.returncode or 0, bytes(out), bytes(err))
+
+    async def put_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
+        script = f'{WORKDIR} mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+        size = 0
+        async with self.enter(script, path) as process:
+            assert process.stdin is not None
+            assert process.stderr is not None
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    await process.stdin.send(chunk)
+                await process.stdin.aclose()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the writer exited early (cannot create the file): its stderr says why
+            error = b"".join([chunk async for chunk in process.stderr])
+            await process.wait()
+        if process.returncode:
+            raise FileRefused(f"cannot write {path}: {_first_line(error)}")
+        return size
+
+    @asynccontextmanager
+    async def get_file(self, path: str) -> AsyncIterator[tuple[int, ByteReceiveStream]]:
+        script = f'{WORKDIR} [ -f "$1" ] || exit {MISSING_FILE}; wc -c < "$1"; exec cat -- "$1"'
+        async with self.enter(script, path) as process:
+            assert process.stdout is not None
+            header = await _read_line(process.stdout)
+            if not header.strip().isdigit():
+                await process.wait()
+                raise FileMissing(path)
+            yield int(header), process.stdout
+
+    async def read_file(self, path: str, offset: int, length: int) -> FileSlice:
+        script = (
+            f'{WORKDIR} [ -f "$1" ] || exit {MISSING_FILE}; s=$(wc -c < "$1"); o=$2; '
+            '[ "$o" -lt 0 ] && o=$((s + o)); [ "$o" -lt 0 ] && o=0; '
+            'printf "%s %s\\n" "$s" "$o"; tail -c +$((o + 1)) -- "$1" | head -c "$3"'
+        )
+        async with self.enter(script, path, str(offset), str(length)) as process:
+            assert process.stdout is not None
+            data = bytearray()
+            async for chunk in process.stdout:
+                data += chunk
+            code = await process.wait()
+        if code == MISSING_FILE:
+            raise FileMissing(path)
+        header, _, content = bytes(data).partition(b"\n")
+        fields = header.split()
+        if len(fields) != 2 or not all(f.isdigit() for f in fields):  # e.g. unreadable
+            raise FileRefused(f"cannot read {path}")
+        return FileSlice(content, offset=int(fields[1]), total=int(fields[0]))
+
+
+def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment every process of a sandbox starts from, then `extra`."""
+    return {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", **extra}
+
+
+def in_cgroup(cgroup: Cgroup | None, argv: list[str]) -> list[str]:
+    """Prefix argv with a shell that moves itself into the cgroup before exec.
+
+    Joining in the child (rather than writing the pid from the parent after
+    spawn) means no forked descendant can escape the limits through a race.
+    """
+    if cgroup is None:
+        return argv
+    files = cgroup.procs_files
+    joins = " && ".join(f'echo $$ > "${i + 1}"' for i in range(len(files)))
+    return ["/bin/sh", "-c", f'{joins} && shift {len(files)} && exec "$@"', "sh", *files, *argv]
+
+
+def kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _exports(env: Mapping[str, str]) -> bytes:
+    """Shell `export` lines for an environment, quoted so no value is ever evaluated."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
+
+
+async def _collect(stream: Any, into: bytearray) -> None:
+    async for chunk in stream:
+        if len(into) < MAX_CAPTURE:
+            into += chunk[: MAX_CAPTURE - len(into)]
+
+
+def _first_line(data: bytes) -> str:
+    return data.decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else "failed"
+
+
+async def _read_line(stream: ByteReceiveStream) -> bytes:
+    """Read one short header line byte by byte, leaving the rest of the stream unread."""
+    line = bytearray()
+    with contextlib.suppress(anyio.EndOfStream):
+        while not line.endswith(b"\n"):
+            line += await stream.receive(1)
+    return bytes(line)

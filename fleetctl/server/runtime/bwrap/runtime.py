@@ -1,0 +1,364 @@
+"""How a sandbox really runs: bubblewrap, a per-sandbox overlay root, cgroups.
+
+A sandbox is a `bwrap --unshare-all --cap-drop ALL` process tree started under
+`setpriv` as the sandbox's own host uid, so root inside maps to an unprivileged
+user outside (host files owned by root, like /etc/shadow, stay unreadable).
+Its root filesystem is the image rootfs, or the host's /usr and /etc, as
+read-only overlay lowers with a per-sandbox upper layer; /tmp, /root, /run are
+private tmpfs and /workspace is the sandbox's own directory.
+
+bwrap is started without --die-with-parent and in its own session, so a
+sandbox outlives a server that crashed; the next server finds it through the
+handle kept in the database. Commands and files go in through `inside.Entry`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from anyio.abc import ByteReceiveStream
+
+from fleetctl.server.runtime.base import (
+    ExecResult,
+    FileSlice,
+    Handle,
+    LaunchSpec,
+    RuntimeFailure,
+    Usage,
+)
+from fleetctl.server.runtime.bwrap.cgroups import Cgroup
+from fleetctl.server.runtime.bwrap.host import HostReport
+from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, sandbox_env
+from fleetctl.server.runtime.bwrap.layout import (
+    bwrap_args,
+    check_traversable,
+    install_bwrap,
+    make_home,
+)
+from fleetctl.server.runtime.bwrap.netns import connect_in_netns
+
+#: Host uids for sandboxes start here; each sandbox gets its own (base + seq).
+UID_BASE = 1_000_000_000
+UID_SPAN = 100_000_000
+#: How this runtime keeps a sandbox with no main process of its own alive.
+IDLE = "exec sleep infinity"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxHandle:
+    """How to find a running sandbox again; kept in the database (no secrets)."""
+
+    id: str
+    uid: int
+    bwrap_pid: int
+    init_pid: int
+    init_start: int
+    cgroup_version: int | None
+    cgroup_paths: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Handle) -> SandboxHandle:
+        return cls(**{**data, "cgroup_paths": tuple(data["cgroup_paths"])})
+
+    @property
+    def cgroup(self) -> Cgroup | None:
+        if self.cgroup_version is None:
+            return None
+        return Cgroup(self.cgroup_version, tuple(Path(p) for p in self.cgroup_paths))
+
+
+class BwrapRuntime:
+    """Sandboxes on this machine, under `data_dir` (implements `runtime.base.Runtime`)."""
+
+    def __init__(self, data_dir: Path, host: HostReport) -> None:
+        if not host.can_run or host.bwrap is None:
+            raise RuntimeFailure("this host cannot run sandboxes: " + "; ".join(host.problems))
+        self.host = host
+        check_traversable(data_dir)
+        self.root = data_dir / "sandboxes"
+        self.meta = data_dir / "run"
+        for path in (data_dir, self.root):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o711)  # traversable by sandbox uids, listable by root only
+        self.meta.mkdir(mode=0o700, exist_ok=True)
+        # logs outlive their sandbox (a failed start command must be explainable);
+        # the service forgets them with the sandbox's record
+        self.log_dir = data_dir / "logs"
+        self.log_dir.mkdir(mode=0o700, exist_ok=True)
+        self.bwrap = install_bwrap(data_dir, host.bwrap)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def can_limit(self) -> bool:
+        return self.host.can_limit
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    def log_path(self, sandbox_id: str) -> Path:
+        return self.log_dir / f"{sandbox_id}.log"
+
+    def forget(self, sandbox_id: str) -> None:
+        self.log_path(sandbox_id).unlink(missing_ok=True)
+
+    def append_log(self, sandbox_id: str, text: str) -> None:
+        with open(self.log_path(sandbox_id), "a", encoding="utf-8") as log:
+            log.write(text)
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        """Start a sandbox and return once its main process runs (blocking)."""
+        uid = UID_BASE + spec.seq % UID_SPAN
+        home = self.sandbox_dir(spec.id)
+        make_home(home, spec.rootfs, uid)
+        meta = self.meta / spec.id
+        meta.mkdir(mode=0o700, exist_ok=True)
+        cgroup = None
+        if spec.limits is not None:
+            cgroup = Cgroup.for_sandbox(spec.id)
+            cgroup.create(spec.limits)
+        info_r, info_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        args_r, args_w = os.pipe()
+        log = open(self.log_path(spec.id), "ab")  # noqa: SIM115 - handed to the child
+        status = os.open(meta / "status.json", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        command = spec.start_command or IDLE
+        # The main process says it runs (mounts done) on the ready pipe, then
+        # closes it and becomes the start command. The pipe is handed over as
+        # stdin because dash cannot name descriptors above 9.
+        script = 'printf R >&0; exec </dev/null; exec /bin/sh -c "$0"'
+        argv = [
+            self.host_tool("setpriv"),
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            self.bwrap,
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            *bwrap_args(spec, home),
+            "--args",
+            str(args_r),
+            "--info-fd",
+            str(info_w),
+            "--json-status-fd",
+            str(status),
+            "/bin/sh",
+            "-c",
+            script,
+            command,
+        ]
+        try:
+            child = subprocess.Popen(
+                in_cgroup(cgroup, argv),
+                env=HOST_ENV,
+                stdin=ready_w,
+                stdout=log,
+                stderr=log,
+                pass_fds=(info_w, status, args_r),
+                start_new_session=True,
+            )
+            # The sandbox's environment (secrets included) reaches bwrap as
+            # --setenv pairs through a pipe: never in a host process's argv or
+            # initial environment, where `ps` or a PATH/LD_PRELOAD could use it.
+            with os.fdopen(args_w, "wb") as pairs:
+                pairs.write(_setenv_args(sandbox_env(spec.env)))
+        finally:
+            for fd in (info_w, ready_w, status, args_r):
+                os.close(fd)
+            log.close()
+        with os.fdopen(info_r, "rb") as info_file, os.fdopen(ready_r, "rb") as ready_file:
+            info = info_file.read()
+            ready = ready_file.read(1)
+        if ready != b"R":
+            child.kill()
+            child.wait()
+            if cgroup is not None:
+                _until(cgroup.remove)
+            raise RuntimeFailure(f"sandbox failed to start: {self.logs(spec.id, 400)}")
+        init_pid = int(json.loads(info)["child-pid"])
+        self._children[spec.id] = child
+        return SandboxHandle(
+            id=spec.id,
+            uid=uid,
+            bwrap_pid=child.pid,
+            init_pid=init_pid,
+            init_start=_start_time(init_pid),
+            cgroup_version=cgroup.version if cgroup else None,
+            cgroup_paths=tuple(str(p) for p in cgroup.paths) if cgroup else (),
+        ).to_json()
+
+    def usage(self, handle: Handle) -> Usage:
+        found = SandboxHandle.from_json(handle)
+        alive = self._alive(found)
+        oom_kills = found.cgroup.oom_kills() if found.cgroup else 0
+        return Usage(alive, oom_kills, None if alive else self._exit_code(found.id))
+
+    def _alive(self, handle: SandboxHandle) -> bool:
+        """True while the sandbox's init process (pid 1 inside) is the one we started."""
+        child = self._children.get(handle.id)
+        if child is not None and child.poll() is not None:
+            return False
+        try:
+            return _start_time(handle.init_pid) == handle.init_start
+        except OSError:
+            return False
+
+    def adopt(self, handle: Handle) -> dict[str, str] | None:
+        """The environment (secrets included) of a sandbox still running, read back from
+        its main process after a server restart; never stored anywhere by the server."""
+        found = SandboxHandle.from_json(handle)
+        if not self._alive(found):
+            return None
+        try:
+            children = Path(f"/proc/{found.init_pid}/task/{found.init_pid}/children").read_text()
+            raw = Path(f"/proc/{children.split()[0]}/environ").read_bytes()
+        except (OSError, IndexError):
+            return {}
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+        return {k.decode(): v.decode("utf-8", "replace") for k, _, v in pairs}
+
+    def disk_usage(self, sandbox_id: str) -> int:
+        """Bytes the sandbox wrote: its upper layer and /workspace (blocks actually used)."""
+        total = 0
+        for top in ("upper", "workspace"):
+            for root, _, files in os.walk(self.sandbox_dir(sandbox_id) / top):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, name)).st_blocks * 512
+        return total
+
+    def _exit_code(self, sandbox_id: str) -> int | None:
+        """The main process's exit code once it ended, from bwrap's status file."""
+        try:
+            lines = (self.meta / sandbox_id / "status.json").read_text().splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if "exit-code" in event:
+                return int(event["exit-code"])
+        return None
+
+    def kill(self, handle: Handle) -> None:
+        self._kill(SandboxHandle.from_json(handle))
+
+    def _kill(self, handle: SandboxHandle) -> None:
+        if self._alive(handle):
+            _kill(handle.bwrap_pid)
+            _kill(handle.init_pid)
+
+    def stop(self, sandbox_id: str, handle: Handle | None) -> None:
+        found = SandboxHandle.from_json(handle) if handle else None
+        if found is not None:
+            self._kill(found)
+        cgroup = found.cgroup if found else _existing_cgroup(sandbox_id)
+        if cgroup is not None:
+            _until(cgroup.remove)
+        child = self._children.pop(sandbox_id, None)
+        if child is not None:
+            child.kill()
+            child.wait()
+        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        shutil.rmtree(self.meta / sandbox_id, ignore_errors=True)
+
+    def logs(self, sandbox_id: str, limit: int) -> str:
+        try:
+            with open(self.log_path(sandbox_id), "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - limit))
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def leftovers(self) -> set[str]:
+        return {p.name for p in self.root.iterdir()} | {p.name for p in self.meta.iterdir()}
+
+    def host_tool(self, name: str) -> str:
+        """Absolute path of a host tool (never looked up through a caller's PATH)."""
+        path = {"nsenter": self.host.nsenter, "setpriv": self.host.setpriv}[name]
+        assert path is not None, "probe() guarantees both when can_run"
+        return path
+
+    def _entry(self, handle: Handle) -> Entry:
+        found = SandboxHandle.from_json(handle)
+        return Entry(self.host_tool("nsenter"), found.init_pid, found.cgroup)
+
+    async def exec(
+        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+    ) -> ExecResult:
+        return await self._entry(handle).exec(env, command, cwd=cwd, timeout=timeout)
+
+    async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:
+        return await self._entry(handle).put_file(path, chunks)
+
+    @asynccontextmanager
+    async def get_file(
+        self, handle: Handle, path: str
+    ) -> AsyncIterator[tuple[int, ByteReceiveStream]]:
+        async with self._entry(handle).get_file(path) as found:
+            yield found
+
+    async def read_file(self, handle: Handle, path: str, offset: int, length: int) -> FileSlice:
+        return await self._entry(handle).read_file(path, offset, length)
+
+    def connect(self, handle: Handle, port: int) -> socket.socket:
+        return connect_in_netns(SandboxHandle.from_json(handle).init_pid, port)
+
+
+def _existing_cgroup(sandbox_id: str) -> Cgroup | None:
+    try:
+        cgroup = Cgroup.for_sandbox(sandbox_id)
+    except OSError:
+        return None
+    return cgroup if any(p.exists() for p in cgroup.paths) else None
+
+
+def _setenv_args(env: Mapping[str, str]) -> bytes:
+    """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples."""
+    return b"".join(
+        b"\0".join([b"--setenv", k.encode(), v.encode()]) + b"\0" for k, v in env.items()
+    )
+
+
+def _start_time(pid: int) -> int:
+    """Process start time (clock ticks since boot): tells a pid apart from a reused one.
+
+    Raises ProcessLookupError for a process that is gone or a zombie.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        raise ProcessLookupError(pid)
+    return int(fields[19])
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _until(step: Callable[[], bool], attempts: int = 200) -> None:
+    """Retry `step()` until it returns True: cgroups empty a few ms after SIGKILL."""
+    for _ in range(attempts):
+        if step():
+            return
+        time.sleep(0.005)
+    raise RuntimeFailure("sandbox processes did not exit after SIGKILL")

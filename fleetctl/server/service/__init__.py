@@ -1,0 +1,56 @@
+"""The sandbox service: the server's behaviour, free of HTTP, in pieces with one job each.
+
+    lifecycle.py   create, provision, find, delete; `finish` ends a sandbox whoever asks
+    monitor.py     timeouts, OOM, exits and disk, checked every pass
+    dataplane.py   gateway tokens, exec, files, exposures
+    adoption.py    taking over from the previous server; leaving to the next one
+    state.py       what they share: settings, store, runtime, in-memory environments
+
+The pieces reach sandboxes only through the runtime protocol
+(`fleetctl.server.runtime.base.Runtime`), so another runtime needs no change here.
+"""
+
+from __future__ import annotations
+
+import anyio
+from anyio.abc import TaskGroup
+
+from fleetctl.server.runtime.base import Runtime
+from fleetctl.server.service.adoption import Adoption
+from fleetctl.server.service.dataplane import DataPlane
+from fleetctl.server.service.lifecycle import Lifecycle
+from fleetctl.server.service.monitor import Monitor
+from fleetctl.server.service.state import NotFound, NotRunning, Refused, Settings, Shared
+from fleetctl.server.store import Store
+
+__all__ = ["NotFound", "NotRunning", "Refused", "SandboxService", "Settings"]
+
+
+class SandboxService:
+    """The pieces, wired together; routes call them through `sandboxes`, `monitor`,
+    `data` and `adoption`."""
+
+    def __init__(self, store: Store, runtime: Runtime, settings: Settings) -> None:
+        self.shared = Shared(store, runtime, settings)
+        self.sandboxes = Lifecycle(self.shared)
+        self.monitor = Monitor(self.shared, self.sandboxes)
+        self.data = DataPlane(self.shared, self.sandboxes, self.monitor)
+        self.adoption = Adoption(self.shared, self.sandboxes)
+
+    @property
+    def store(self) -> Store:
+        return self.shared.store
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.shared.runtime
+
+    async def run(self, group: TaskGroup, *, monitor_interval: float = 0.2) -> None:
+        """Start background work in `group`: adoption of leftovers, exposures, the monitor."""
+        await anyio.to_thread.run_sync(self.adoption.reclaim)
+        self.sandboxes.run(group)
+        await self.data.run(group)
+        group.start_soon(self.monitor.run, monitor_interval)
+
+    async def shutdown(self) -> None:
+        await self.adoption.shutdown()

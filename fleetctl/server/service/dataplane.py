@@ -1,0 +1,196 @@
+"""The data plane: gateway tokens, exec, files in and out, and exposed ports.
+
+Everything here needs a RUNNING sandbox and reaches inside only through the
+runtime. Tokens and exposure listeners are held in memory and dropped when the
+sandbox ends (a hook on the lifecycle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import anyio
+from anyio.abc import ByteReceiveStream, TaskGroup
+
+from fleetctl.server import api
+from fleetctl.server.proxy import Forwarder
+from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, Handle
+from fleetctl.server.service.lifecycle import Lifecycle
+from fleetctl.server.service.monitor import Monitor
+from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared
+from fleetctl.server.store import ExposureRecord
+
+log = logging.getLogger("fleetctl.server")
+TOKEN_TTL = timedelta(hours=1)
+READ_FILE_MAX = 16 * 1024 * 1024
+ROOT_USERS = ("root", "0", "root:root", "0:0")
+DEFAULT_WORKDIR = "/workspace"
+
+
+class DataPlane:
+    """Exec, files and exposures of running sandboxes."""
+
+    def __init__(self, shared: Shared, lifecycle: Lifecycle, monitor: Monitor) -> None:
+        self.shared = shared
+        self.lifecycle = lifecycle
+        self.monitor = monitor
+        self._tokens: dict[str, tuple[str, datetime]] = {}
+        self._forwarders: dict[str, anyio.CancelScope] = {}
+        self._group: TaskGroup | None = None
+        lifecycle.on_end(self._forget)
+
+    async def run(self, group: TaskGroup) -> None:
+        """Serve exposures in `group`: first the ones recorded by an earlier server."""
+        self._group = group
+        store = self.shared.store
+        for exposure in store.exposures():
+            try:
+                await self._serve(exposure, self.lifecycle.running(exposure.sandbox_id)[1])
+            except (OSError, NotRunning) as exc:  # e.g. its port was taken meanwhile
+                log.warning("dropping exposure %s: %s", exposure.id, exc)
+                store.remove_exposure(exposure.id)
+
+    def _forget(self, sandbox_id: str) -> None:
+        for token, (owner, _) in list(self._tokens.items()):
+            if owner == sandbox_id:
+                del self._tokens[token]
+        for exposure in self.shared.store.exposures(sandbox_id):
+            self._stop_forwarder(exposure.id)
+            self.shared.store.remove_exposure(exposure.id)
+
+    # -- gateway tokens -----------------------------------------------------------
+
+    def issue_token(self, sandbox_id: str) -> tuple[str, datetime]:
+        self.lifecycle.get(sandbox_id)
+        token = secrets.token_urlsafe(32)
+        expires = self.shared.clock() + TOKEN_TTL
+        self._tokens[token] = (sandbox_id, expires)
+        return token, expires
+
+    def token_valid(self, sandbox_id: str, token: str) -> bool:
+        """True when `token` was issued for this sandbox and has not expired."""
+        owner = self._tokens.get(token)
+        return owner is not None and owner[0] == sandbox_id and owner[1] > self.shared.clock()
+
+    # -- commands and files --------------------------------------------------------
+
+    async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
+        record, handle = self.lifecycle.running(sandbox_id)
+        if request.user not in (None, *ROOT_USERS):
+            # Each sandbox's user namespace maps one user (its root); running as another
+            # would need a uid range per sandbox. Refuse rather than silently run as root.
+            raise Refused(
+                f"cannot run as user {request.user!r}: sandboxes of this server "
+                "have only their root user"
+            )
+        env = {**self.shared.env.get(sandbox_id, {}), **request.env}
+        result = await self.shared.runtime.exec(
+            handle,
+            env,
+            request.command,
+            cwd=request.working_dir or DEFAULT_WORKDIR,
+            timeout=request.timeout,
+        )
+        # an OOM kill ends the sandbox; the caller sees it not running
+        if await self.monitor.end_if_oom(record.id, handle):
+            raise NotRunning(self.lifecycle.get(record.id))
+        return result
+
+    async def upload(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
+        """Stream `chunks` into the file `path` (parents created); returns the size written."""
+        handle = self.lifecycle.running(sandbox_id)[1]
+        try:
+            return await self.shared.runtime.put_file(handle, path, chunks)
+        except FileRefused as exc:
+            raise Refused(str(exc)) from None
+
+    @contextlib.asynccontextmanager
+    async def download(
+        self, sandbox_id: str, path: str
+    ) -> AsyncIterator[tuple[int, ByteReceiveStream]]:
+        """Yield (size, byte stream) of a file in the sandbox; NotFound when missing."""
+        handle = self.lifecycle.running(sandbox_id)[1]
+        try:
+            async with self.shared.runtime.get_file(handle, path) as found:
+                yield found
+        except FileMissing:
+            raise NotFound(f"file {path} not found in sandbox {sandbox_id}") from None
+
+    async def read_file(
+        self, sandbox_id: str, path: str, offset: int, length: int | None
+    ) -> api.ReadFileResponse:
+        handle = self.lifecycle.running(sandbox_id)[1]
+        length = READ_FILE_MAX if length is None else length
+        if length > READ_FILE_MAX or length < 0:
+            raise Refused(f"length must be between 0 and {READ_FILE_MAX}")
+        try:
+            part = await self.shared.runtime.read_file(handle, path, offset, length)
+        except FileMissing:
+            raise NotFound(f"file {path} not found in sandbox {sandbox_id}") from None
+        except FileRefused:
+            raise Refused(f"cannot read {path} in sandbox {sandbox_id}") from None
+        end = part.offset + len(part.content)
+        return api.ReadFileResponse(
+            content=part.content.decode("utf-8", "replace"),
+            size=len(part.content),
+            total_size=part.total,
+            offset=part.offset,
+            truncated=part.offset > 0 or end < part.total,
+        )
+
+    # -- exposures -----------------------------------------------------------------
+
+    async def expose(self, sandbox_id: str, request: api.ExposeRequest) -> ExposureRecord:
+        handle = self.lifecycle.running(sandbox_id)[1]
+        store = self.shared.store
+        if any(e.port == request.port for e in store.exposures(sandbox_id)):
+            raise Refused(f"port {request.port} is already exposed for sandbox {sandbox_id}")
+        exposure = ExposureRecord(
+            id=secrets.token_hex(8),
+            sandbox_id=sandbox_id,
+            port=request.port,
+            name=request.name,
+            protocol=request.protocol,
+            listen_port=0,
+            created_at=self.shared.clock(),
+        )
+        exposure = replace(exposure, listen_port=await self._serve(exposure, handle))
+        store.add_exposure(exposure)
+        return exposure
+
+    async def _serve(self, exposure: ExposureRecord, handle: Handle) -> int:
+        """Start the host listener of an exposure (on its recorded port when it has one,
+        so URLs survive a server restart); returns the port."""
+        assert self._group is not None, "data plane not started"
+        connect = functools.partial(self.shared.runtime.connect, handle, exposure.port)
+        forwarder = Forwarder(connect, listen_port=exposure.listen_port)
+        scope = anyio.CancelScope()
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+            with scope:
+                await forwarder.serve(task_status=task_status)
+
+        listen_port: int = await self._group.start(serve)
+        self._forwarders[exposure.id] = scope
+        return listen_port
+
+    def exposures(self, sandbox_id: str) -> list[ExposureRecord]:
+        self.lifecycle.get(sandbox_id)
+        return self.shared.store.exposures(sandbox_id)
+
+    def unexpose(self, sandbox_id: str, exposure_id: str) -> None:
+        if not any(e.id == exposure_id for e in self.exposures(sandbox_id)):
+            raise NotFound(f"exposure {exposure_id} not found for sandbox {sandbox_id}")
+        self._stop_forwarder(exposure_id)
+        self.shared.store.remove_exposure(exposure_id)
+
+    def _stop_forwarder(self, exposure_id: str) -> None:
+        scope = self._forwarders.pop(exposure_id, None)
+        if scope is not None:
+            scope.cancel()

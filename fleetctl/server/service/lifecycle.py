@@ -1,0 +1,214 @@
+"""The sandbox lifecycle: PENDING → PROVISIONING → RUNNING → TERMINATED | ERROR | TIMEOUT.
+
+`Lifecycle` records sandboxes, provisions them through the runtime, and ends them
+(`finish`): every way a sandbox ends, whoever notices it, goes through `finish`,
+which calls the hooks other pieces registered to drop what they hold for it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from fleetctl.contract import FINAL_STATUSES, ErrorType, SandboxStatus
+from fleetctl.server import api
+from fleetctl.server.runtime.base import Handle, LaunchSpec, Limits, RuntimeFailure
+from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
+from fleetctl.server.store import SandboxRecord
+
+PIDS_LIMIT = 1024
+LOG_TAIL = 1024 * 1024
+_IMAGE_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class Lifecycle:
+    """Creates, finds and ends sandboxes."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.store = shared.store
+        self.runtime = shared.runtime
+        self._provisioning = anyio.CapacityLimiter(8)
+        self._group: TaskGroup | None = None
+        self._on_end: list[Callable[[str], None]] = []
+
+    def run(self, group: TaskGroup) -> None:
+        """Provision in `group` from now on."""
+        self._group = group
+
+    def on_end(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(sandbox_id)` whenever a sandbox ends."""
+        self._on_end.append(hook)
+
+    async def create(self, request: api.CreateSandbox) -> SandboxRecord:
+        """Record a new sandbox (or return the one with the same idempotency key) and
+        start provisioning it in the background."""
+        if not self.runtime.can_limit:
+            raise Refused(
+                "this host cannot enforce cpu, memory and process limits (see `fleetctl "
+                "doctor`); refusing to create a sandbox without them"
+            )
+        now = self.shared.clock()
+        stored = request.model_dump(exclude={"secrets", "idempotency_key"})
+        record = SandboxRecord(
+            id=secrets.token_hex(10),
+            seq=0,
+            name=request.name,
+            status=SandboxStatus.PENDING,
+            request=stored,
+            labels=tuple(request.labels),
+            idempotency_key=request.idempotency_key,
+            created_at=now,
+            updated_at=now,
+        )
+        saved = self.store.insert(record)
+        if saved.id == record.id:
+            self.shared.env[saved.id] = {
+                **(request.environment_vars or {}), **(request.secrets or {}),
+            }  # fmt: skip
+            assert self._group is not None, "service not started"
+            self._group.start_soon(self._provision, saved)
+        return saved
+
+    async def _provision(self, record: SandboxRecord) -> None:
+        self.store.update(record.id, status=SandboxStatus.PROVISIONING)
+        request = record.request
+        image = request["docker_image"]
+        rootfs = self._image_rootfs(image)
+        source = f"image rootfs {rootfs}"
+        if rootfs is None:
+            if self.shared.settings.image_policy == "strict":
+                message = (
+                    f"image {image!r} has no local rootfs and the server runs with "
+                    "--image-policy strict"
+                )
+                await self.finish(
+                    record.id,
+                    SandboxStatus.ERROR,
+                    error_type=ErrorType.IMAGE_PULL_FAILED,
+                    message=message,
+                )
+                return
+            source = (
+                f"host root filesystem (read-only lower layer): image {image!r} has no local rootfs"
+            )
+        spec = LaunchSpec(
+            id=record.id,
+            seq=record.seq,
+            start_command=request.get("start_command"),
+            env=self.shared.env.get(record.id, {}),
+            network=bool(request["network_access"]),
+            limits=Limits(
+                memory_bytes=int(float(request["memory_gb"]) * 1024**3),
+                cpu_cores=float(request["cpu_cores"]),
+                pids=PIDS_LIMIT,
+            ),
+            rootfs=rootfs,
+        )
+        self.runtime.append_log(record.id, f"[fleetctl] starting sandbox on the {source}\n")
+        try:
+            async with self._provisioning:
+                handle = await anyio.to_thread.run_sync(self.runtime.start, spec)
+        except (RuntimeFailure, OSError) as exc:
+            await self.finish(
+                record.id, SandboxStatus.ERROR, error_type=ErrorType.START_FAILED, message=str(exc)
+            )
+            return
+        current = self.store.get(record.id)
+        if current is None or current.status != SandboxStatus.PROVISIONING:  # deleted meanwhile
+            await anyio.to_thread.run_sync(self.runtime.stop, record.id, handle)
+            return
+        self.store.update(
+            record.id,
+            status=SandboxStatus.RUNNING,
+            started_at=self.shared.clock(),
+            runtime=dict(handle),
+            image_source=source,
+        )
+
+    def _image_rootfs(self, image: str) -> Path | None:
+        images = self.shared.settings.data_dir / "images"
+        candidate = images / _IMAGE_DIR_NAME.sub("_", image)
+        return candidate if (candidate / "usr").is_dir() else None
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        record = self.store.get(sandbox_id)
+        if record is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return record
+
+    def running(self, sandbox_id: str) -> tuple[SandboxRecord, Handle]:
+        """The record and runtime handle of a RUNNING sandbox; NotRunning otherwise."""
+        record = self.get(sandbox_id)
+        handle = handle_of(record)
+        if record.status != SandboxStatus.RUNNING or record.deleted_at or handle is None:
+            raise NotRunning(record)
+        return record, handle
+
+    async def delete(self, sandbox_id: str) -> SandboxRecord:
+        record = self.get(sandbox_id)
+        if record.deleted_at is None:
+            await self.finish(sandbox_id, SandboxStatus.TERMINATED, reason="deleted", deleted=True)
+        return self.get(sandbox_id)
+
+    async def bulk_delete(
+        self, ids: Sequence[str] | None, labels: Sequence[str] | None
+    ) -> tuple[list[str], list[dict[str, str]]]:
+        if labels:
+            ids = [r.id for r in self.store.query(labels=labels)[0]]
+        succeeded: list[str] = []
+        failed: list[dict[str, str]] = []
+
+        async def one(sandbox_id: str) -> None:
+            try:
+                await self.delete(sandbox_id)
+                succeeded.append(sandbox_id)
+            except NotFound as exc:
+                failed.append({"sandbox_id": sandbox_id, "error": str(exc)})
+
+        async with anyio.create_task_group() as group:
+            for sandbox_id in dict.fromkeys(ids or []):
+                group.start_soon(one, sandbox_id)
+        return succeeded, failed
+
+    async def finish(
+        self,
+        sandbox_id: str,
+        status: SandboxStatus,
+        *,
+        error_type: ErrorType | None = None,
+        message: str | None = None,
+        reason: str | None = None,
+        deleted: bool = False,
+    ) -> None:
+        """Move a sandbox to a final status and remove everything it holds on the host."""
+        record = self.store.get(sandbox_id)
+        if record is None:
+            return
+        now = self.shared.clock()
+        # A deleted sandbox releases its idempotency key: a later create with the same
+        # key (say, applying a fleet again after destroying it) means a new sandbox.
+        changes: dict[str, object] = {"deleted_at": now, "idempotency_key": None} if deleted else {}
+        if record.status not in FINAL_STATUSES:
+            changes.update(
+                status=status,
+                terminated_at=now,
+                error_type=error_type,
+                error_message=message,
+                termination_reason=reason or message,
+            )
+        self.store.update(sandbox_id, **changes)
+        self.shared.env.pop(sandbox_id, None)
+        for hook in self._on_end:
+            hook(sandbox_id)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.runtime.stop, sandbox_id, handle_of(record))
+
+    def logs(self, sandbox_id: str) -> str:
+        self.get(sandbox_id)
+        return self.runtime.logs(sandbox_id, LOG_TAIL)
