@@ -117,12 +117,15 @@ def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[
 
 def control(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:
     """One control-plane call by the oracle: its own API key, retried through injected 5xx,
-    429s and resets, so it never shares a retry bug with the SDK under test."""
+    429s, resets and garbled answers, so it never shares a retry bug with the SDK under
+    test. Every answer of the control plane is JSON."""
     deadline = time.monotonic() + 30
     with server.client(oracle=True) as client:
         while True:
-            with contextlib.suppress(httpx.TransportError):
+            with contextlib.suppress(httpx.TransportError, ValueError):
                 response = client.request(method, path, **kwargs)
+                if response.is_success:
+                    response.json()  # a garbled answer (fault `after`) raises: ask again
                 if response.status_code < 500 and response.status_code != 429:
                     return response
             assert time.monotonic() < deadline, f"{method} {path} kept failing for 30s"

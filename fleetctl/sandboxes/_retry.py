@@ -1,6 +1,7 @@
 """Retry policy of the SDK's transport, one place for both the sync and async clients.
 
-Idempotent calls are retried on connect errors, resets and 500/502/503/504 with
+Idempotent calls are retried on connect errors, resets, 500/502/503/504, and a
+2xx whose JSON body does not parse (a response garbled on the way), with
 exponential backoff and full jitter; a create is retried only because it always
 carries an idempotency key. A 429 waits for Retry-After (or backs off) and does
 not count as a failed attempt; everything stops at the total `timeout`.
@@ -8,6 +9,7 @@ not count as a failed attempt; everything stops at the total `timeout`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -43,6 +45,8 @@ class RetryState:
     policy: RetryPolicy
     retryable: bool
     rng: random.Random = field(default_factory=random.Random)
+    #: The response body is read whole (not streamed to a file), so it can be checked.
+    read: bool = True
     failures: int = 0
     throttled: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -53,6 +57,8 @@ class RetryState:
             self.throttled += 1
             return self._within_deadline(retry_after(response) or self._next_backoff())
         if response.status_code in RETRY_STATUSES and self.retryable:
+            return self._failure()
+        if self.read and self.retryable and response.is_success and garbled(response):
             return self._failure()
         return None
 
@@ -79,6 +85,17 @@ class RetryState:
         if time.monotonic() + wait - self.started > self.policy.timeout:
             return None
         return wait
+
+
+def garbled(response: httpx.Response) -> bool:
+    """A JSON response whose body does not parse."""
+    if "json" not in response.headers.get("content-type", "") or not response.content:
+        return False
+    try:
+        json.loads(response.content)
+    except ValueError:
+        return True
+    return False
 
 
 def retry_after(response: httpx.Response) -> float | None:

@@ -73,7 +73,7 @@ class _Base:
 
     def _state(self, call: Call) -> RetryState:
         self.stats["requests"] += 1
-        return RetryState(self.retry, retryable=call.retryable, rng=self._rng)
+        return RetryState(self.retry, call.retryable, self._rng, read=call.download_to is None)
 
     def _count(self, state: RetryState) -> None:
         self.stats["retries"] += state.failures

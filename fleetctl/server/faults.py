@@ -8,8 +8,9 @@
     so a faulted request did no work and a retry is safe. Otherwise, with probability
     ``after``, the request *is* handled and then its response is lost: half the time
     the connection is cut mid-response (as ``reset`` does), half the time a 200 arrives
-    whose body is garbage. That is what a flaky network does to a request the server committed,
-    and the only way a retried create meets its own idempotency key.
+    whose JSON body is garbage (a response that is not JSON, a download, is cut).
+    That is what a flaky network does to a request the server committed, and the only
+    way a retried create meets its own idempotency key.
 
     ``scope`` picks the eligible requests: ``control`` (/api/v1), ``data`` (/gw) or
     ``all``. One ``random.Random(seed)`` decides error, reset, latency and kills, and a
@@ -249,8 +250,9 @@ class FaultMiddleware:
             await _reset(send)
         elif decision.after is not None:
             stats.after += 1
-            await self.app(scope, receive, _discard)
-            if decision.after == "drop":
+            answered = _Answer()
+            await self.app(scope, receive, answered)
+            if decision.after == "drop" or not answered.json:  # only JSON is garbled
                 await _reset(send)  # uvicorn would turn a bare raise into a 500
             await Response(GARBLED_BODY, media_type="application/json")(scope, receive, send)
         else:
@@ -285,8 +287,17 @@ class FaultMiddleware:
         )
 
 
-async def _discard(message: Message) -> None:
-    """A `send` that loses what the app answers (the request was still handled)."""
+class _Answer:
+    """A `send` that loses what the app answers (the request was still handled), noting
+    only whether the answer was JSON."""
+
+    def __init__(self) -> None:
+        self.json = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers", []))
+            self.json = b"json" in headers.get(b"content-type", b"")
 
 
 async def _reset(send: Send) -> NoReturn:

@@ -22,6 +22,7 @@ import re
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
@@ -67,6 +68,8 @@ ECHO_SERVER = (
 )
 ALLOCATE_256_MB = "python3 -c 'b = b\"x\" * (256 * 1024 * 1024)'"
 FAULTS = "error=0.3,reset=0.2,seed=11,scope=control"
+#: A third of control-plane responses are lost after the server did the work.
+LOST = "after=0.35,seed=3,scope=control"
 #: Half of the faulty server's requests fail; six attempts would give up on ~1.6% of calls.
 PATIENT = RetryPolicy(attempts=12, wait_initial=0.01, wait_max=0.2)
 FAST = RetryPolicy(attempts=2, wait_initial=0.01, wait_max=0.01)
@@ -309,6 +312,12 @@ def sdk(connect: Connect, flavor: Flavor) -> Sdk:
 def faulty() -> Iterator[Server]:
     """Half the control-plane requests fail: 30% answer 500/502/503, 20% drop mid-response."""
     with own_server("--faults", FAULTS) as (info, _):
+        yield info
+
+
+@pytest.fixture(scope="module")
+def lossy() -> Iterator[Server]:
+    with own_server("--faults", LOST) as (info, _):
         yield info
 
 
@@ -876,6 +885,34 @@ async def test_connection_refused_is_retried_then_raises_api_error(
 
 
 @pytest.mark.anyio
+async def test_a_garbled_json_answer_is_retried_for_keyed_creates_but_not_for_exec(
+    connect: Connect, flavor: Flavor, new: New
+) -> None:
+    """A 2xx whose JSON does not parse was damaged on the way: the work may be done, so only
+    a call that is safe to repeat asks again (with its idempotency key)."""
+    bodies: list[dict[str, Any]] = []
+    garbage = httpx.Response(
+        200, content=b"\x00garbled", headers={"content-type": "application/json"}
+    )
+
+    def garble_once(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/auth"):
+            return httpx.Response(200, json={"token": "t", "gateway_url": NOWHERE,
+                                             "user_ns": "ns", "job_id": "sbx-mock",
+                                             "expires_at": "2999-01-01T00:00:00Z"})  # fmt: skip
+        bodies.append(json.loads(request.content))
+        return garbage if len(bodies) in (1, 3) else httpx.Response(200, json=SANDBOX_JSON)
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(garble_once), retry=FAST)
+    assert (await sdk.create(new())).id == "sbx-mock"
+    assert len(bodies) == 2
+    assert bodies[0]["idempotency_key"] == bodies[1]["idempotency_key"]
+    with pytest.raises(APIError, match="malformed"):
+        await sdk.execute_command("sbx-mock", "true")
+    assert len(bodies) == 3, "an exec was sent twice"
+
+
+@pytest.mark.anyio
 async def test_a_create_answered_http_500_is_retried_with_the_same_idempotency_key(
     connect: Connect, flavor: Flavor, new: New
 ) -> None:
@@ -913,6 +950,24 @@ async def test_creates_through_faults_all_return_and_retries_never_duplicate(
     assert len(bodies) > 30, "no create was retried: the faults never struck"
     suffered = await anyio.to_thread.run_sync(faults, faulty)
     assert suffered["error"] + suffered["reset"] > 0
+
+
+@pytest.mark.anyio
+async def test_a_create_whose_response_was_lost_after_the_work_is_not_duplicated_by_its_retry(
+    connect: Connect, flavor: Flavor, lossy: Server, new: New, label: str
+) -> None:
+    """The server creates the sandbox, then the answer is cut or garbled on the way: the SDK
+    retries with the same idempotency key and gets the same sandbox, never a second one."""
+    tap = Tap()
+    sdk = connect(flavor, lossy, transport=tap, retry=PATIENT)
+    created, failed = await create_all(sdk, [new() for _ in range(12)], parallel=flavor == "async")
+    assert ([str(error) for error in failed], len(created)) == ([], 12)
+    assert await labelled(lossy, label) == sorted(s.id for s in created), "a retry duplicated"
+    sent = Counter(body["idempotency_key"] for body in create_bodies(tap))
+    assert len(sent) == 12
+    assert max(sent.values()) > 1, "no create was retried: no response was lost"
+    suffered = await anyio.to_thread.run_sync(faults, lossy)
+    assert suffered["after"] > 0, suffered
 
 
 @pytest.mark.anyio

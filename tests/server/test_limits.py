@@ -9,7 +9,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetctl.server.faults import (
@@ -37,14 +37,16 @@ def anyio_backend() -> str:
 
 
 class Recorder:
-    """An ASGI app that answers 200 "ok" and records each request it was handed."""
+    """An ASGI app that answers 200 "ok" (or {"ok": true}) and records each request."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, json: bool = False) -> None:
         self.calls: list[tuple[str, str]] = []
+        self.json = json
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.calls.append((scope["method"], scope["path"]))
-        await PlainTextResponse("ok")(scope, receive, send)
+        answer = JSONResponse({"ok": True}) if self.json else PlainTextResponse("ok")
+        await answer(scope, receive, send)
 
 
 class FakeClock:
@@ -489,8 +491,9 @@ async def test_different_seeds_make_different_faults() -> None:
 @pytest.mark.anyio
 async def test_after_fault_handles_the_request_then_loses_its_response() -> None:
     """`after` lets the app do the work, then either cuts the connection mid-response or
-    answers a 200 whose body is not JSON: the client cannot tell the work was done."""
-    app = Recorder()
+    answers a 200 whose JSON body does not parse: the client cannot tell the work was done.
+    An answer that is not JSON (a download) is always cut, never garbled."""
+    app = Recorder(json=True)
     faulty = FaultMiddleware(app, parse_faults("after=1,seed=5"), sleep=SleepRecorder())
     outcomes: list[str] = []
     async with client(faulty) as http:
@@ -507,6 +510,11 @@ async def test_after_fault_handles_the_request_then_loses_its_response() -> None
     assert len(app.calls) == 20, "every request was handled before its response was lost"
     assert {"dropped", "garbled"} == set(outcomes)
     assert faulty.total() == FaultStats(requests=20, after=20)
+    plain = FaultMiddleware(Recorder(), parse_faults("after=1,seed=5"), sleep=SleepRecorder())
+    async with client(plain) as http:
+        for _ in range(10):
+            with pytest.raises(InjectedReset):
+                await http.get(EXEC)
 
 
 @pytest.mark.anyio
