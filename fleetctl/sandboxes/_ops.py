@@ -15,6 +15,7 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -101,7 +102,7 @@ class Operations:
         return _model(Sandbox, _ok(response))
 
     def get(self, sandbox_id: str) -> Op[Sandbox]:
-        return _model(Sandbox, _ok((yield Call("GET", f"/sandbox/{sandbox_id}"))))
+        return _model(Sandbox, _ok((yield Call("GET", _path(sandbox_id)))))
 
     def list(
         self,
@@ -123,7 +124,7 @@ class Operations:
 
     def delete(self, sandbox_id: str) -> Op[dict[str, Any]]:
         self._gateways.pop(sandbox_id, None)
-        return _object(_ok((yield Call("DELETE", f"/sandbox/{sandbox_id}"))))
+        return _object(_ok((yield Call("DELETE", _path(sandbox_id)))))
 
     def bulk_delete(
         self, sandbox_ids: Sequence[str] | None = None, labels: Sequence[str] | None = None
@@ -139,7 +140,7 @@ class Operations:
         return _model(BulkDeleteSandboxResponse, _ok(response))
 
     def get_logs(self, sandbox_id: str) -> Op[str]:
-        return _model(Logs, _ok((yield Call("GET", f"/sandbox/{sandbox_id}/logs")))).logs
+        return _model(Logs, _ok((yield Call("GET", _path(sandbox_id, "logs"))))).logs
 
     def wait_for_creation(self, sandbox_id: str, max_attempts: int = 60) -> Op[None]:
         """Poll until RUNNING; raise the typed not-running error if it fails instead."""
@@ -201,14 +202,14 @@ class Operations:
         self, sandbox_id: str, port: int, name: str | None = None, protocol: str = "HTTP"
     ) -> Op[ExposedPort]:
         body = {"port": port, "protocol": protocol, **({"name": name} if name else {})}
-        response = yield Call("POST", f"/sandbox/{sandbox_id}/expose", json=body, retryable=False)
+        response = yield Call("POST", _path(sandbox_id, "expose"), json=body, retryable=False)
         return _model(ExposedPort, _ok(response))
 
     def unexpose(self, sandbox_id: str, exposure_id: str) -> Op[None]:
-        _ok((yield Call("DELETE", f"/sandbox/{sandbox_id}/expose/{exposure_id}")))
+        _ok((yield Call("DELETE", _path(sandbox_id, "expose", exposure_id))))
 
     def list_exposed_ports(self, sandbox_id: str) -> Op[ListExposedPortsResponse]:
-        response = yield Call("GET", f"/sandbox/{sandbox_id}/expose")
+        response = yield Call("GET", _path(sandbox_id, "expose"))
         return _model(ListExposedPortsResponse, _ok(response))
 
     # -- data plane ----------------------------------------------------------------
@@ -360,7 +361,7 @@ class Operations:
         cached = self._gateways.get(sandbox_id)
         if cached is not None and cached.expires - TOKEN_MARGIN > datetime.now(UTC):
             return cached
-        auth = _model(GatewayAuth, _ok((yield Call("POST", f"/sandbox/{sandbox_id}/auth"))))
+        auth = _model(GatewayAuth, _ok((yield Call("POST", _path(sandbox_id, "auth")))))
         expires = auth.expires_at
         gateway = _Gateway(
             url=f"{auth.gateway_url.rstrip('/')}/{auth.user_ns}/{auth.job_id}",
@@ -393,6 +394,11 @@ class Operations:
                     )
             return response
         raise AssertionError("unreachable")
+
+
+def _path(sandbox_id: str, *rest: str) -> str:
+    """/sandbox/{id}/..., each part quoted: an id can never name another endpoint."""
+    return "/".join(["/sandbox", *(quote(part, safe="") for part in (sandbox_id, *rest))])
 
 
 def _ok(response: httpx.Response) -> httpx.Response:

@@ -93,7 +93,7 @@ def _translated(call: Call) -> Iterator[None]:
         yield
     except httpx.TimeoutException as exc:
         raise errors.APITimeoutError(f"{call.method} {call.path} timed out: {exc}") from None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise errors.APIError(f"{call.method} {call.path} failed: {exc!r}") from None
     except OSError as exc:
         raise errors.APIError(f"{call.method} {call.path}: {exc}") from None

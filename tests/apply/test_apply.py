@@ -72,6 +72,8 @@ def test_apply_converges_then_plans_nothing_then_changes_exactly_what_changed(
     assert artifact == f"hello\n{len(CANARY) + 1}\n"  # the secret reached the job, not a file here
     assert events[-1]["event"] == "summary"
     assert events[-1]["failed"] == 0
+    ended = sorted((e["key"], e["action"]) for e in events if e["event"] in ("done", "failed"))
+    assert ended == [("web", "create"), ("worker-0", "create"), ("worker-1", "create")]
 
     assert run(capsys, "plan", str(spec), "--detailed-exitcode")[:2] == (0, "Plan: no changes.\n")
     code, out, _ = run(
@@ -104,6 +106,19 @@ def test_apply_converges_then_plans_nothing_then_changes_exactly_what_changed(
     assert code == 0
     assert "Destroyed 3" in out
     assert api.get("/sandbox", params={"labels": ["t-apply-fleet"]}).json()["total"] == 0
+
+
+def test_wait_with_timeout_zero_checks_once_and_names_what_is_not_ready(
+    spec: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "wait", str(spec), "--timeout", "0")
+    assert code == 1
+    assert "timed out after 0s waiting for ready" in err
+    assert "t-apply/web MISSING" in err
+    assert "Traceback" not in out + err
+    assert run(capsys, "apply", str(spec), "--yes")[0] == 0
+    code, out, err = run(capsys, "wait", str(spec), "--timeout", "0")
+    assert (code, out) == (0, "ready: 3 sandbox(es)\n"), err
 
 
 def test_drift_is_repaired_and_jobs_run_once_per_sandbox_lifetime(

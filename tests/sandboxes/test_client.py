@@ -869,6 +869,27 @@ async def test_a_json_body_of_the_wrong_shape_raises_api_error(
 
 
 @pytest.mark.anyio
+async def test_a_sandbox_id_is_one_path_segment_and_a_bad_one_an_api_error(
+    connect: Connect, flavor: Flavor
+) -> None:
+    """An id holding `/` cannot reach another endpoint (delete → unexpose); one holding a
+    control character is refused as the SDK's own error, not httpx's."""
+    paths: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.raw_path.decode())
+        return httpx.Response(404, json={"detail": "not found"})
+
+    sdk = connect(flavor, base_url=NOWHERE, transport=httpx.MockTransport(record), retry=FAST)
+    with pytest.raises(APIError) as caught:
+        await sdk.delete("abc/expose/xyz")
+    assert caught.value.status_code == 404
+    assert paths == ["/api/v1/sandbox/abc%2Fexpose%2Fxyz"]
+    with pytest.raises(APIError):
+        await sdk.get_logs("\x1f")
+
+
+@pytest.mark.anyio
 async def test_connection_refused_is_retried_then_raises_api_error(
     connect: Connect, flavor: Flavor, new: New
 ) -> None:
