@@ -10,16 +10,12 @@ bug with the SDK under test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +23,9 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from fleetctl.cli import main
-from fleetctl.plan.identity import KEY_LABEL, fleet_label
 from fleetctl.server.faults import FaultMiddleware, parse_faults
 from tests.conftest import Server, control, faults, needs_sandboxes, own_server
-from tests.reliability.scenarios import read_events
+from tests.reliability.scenarios import Fleet, read_events, reaped
 
 pytestmark = needs_sandboxes
 Event = dict[str, Any]
@@ -86,62 +81,6 @@ def steer(server: Server, *pattern: bool) -> int:
         assert time.monotonic() < deadline, f"no {pattern} in the fault sequence within 30s"
 
 
-@dataclass(frozen=True)
-class Fleet:
-    """A one-group fleet spec on one server, and what is live for it there."""
-
-    server: Server
-    name: str
-    replicas: int
-    spec: Path
-
-    @property
-    def labels(self) -> list[str]:
-        return [fleet_label(self.name)]
-
-    def env(self) -> dict[str, str]:
-        """The environment of a `fleetctl` subprocess aimed at this fleet's server."""
-        return {
-            **os.environ,
-            "FLEETCTL_API_URL": self.server.url,
-            "FLEETCTL_API_KEY": self.server.token,
-        }
-
-    def live(self) -> list[dict[str, Any]]:
-        """Every (undeleted) sandbox carrying the fleet's label, whatever its status."""
-        response = control(
-            self.server, "GET", "/sandbox", params={"labels": self.labels, "per_page": 500}
-        )
-        assert response.is_success, response.text
-        found = response.json()
-        assert found["total"] == len(found["sandboxes"]), found["total"]
-        return list(found["sandboxes"])
-
-    def keys(self) -> list[str]:
-        """The fleet keys of the live sandboxes, sorted; a duplicate appears twice."""
-        return sorted(
-            label.removeprefix(KEY_LABEL)
-            for s in self.live()
-            for label in s["labels"]
-            if label.startswith(KEY_LABEL)
-        )
-
-    def wanted(self) -> list[str]:
-        return sorted(f"worker-{i}" for i in range(self.replicas))
-
-    def wait_running(self, timeout: float = 30) -> list[dict[str, Any]]:
-        """Poll until every live sandbox of the fleet is RUNNING; fail at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.live()
-            statuses = sorted(s["status"] for s in found)
-            if set(statuses) == {"RUNNING"}:
-                return found
-            assert not {"TERMINATED", "ERROR", "TIMEOUT"} & set(statuses), statuses
-            assert time.monotonic() < deadline, f"not all RUNNING after {timeout}s: {statuses}"
-            time.sleep(0.05)
-
-
 MakeFleet = Callable[[Server, str, int], Fleet]
 
 
@@ -155,18 +94,7 @@ def fleets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeFlee
     def make(server: Server, name: str, replicas: int) -> Fleet:
         monkeypatch.setenv("FLEETCTL_API_URL", server.url)
         monkeypatch.setenv("FLEETCTL_API_KEY", server.token)
-        spec = tmp_path / f"{name}.yaml"
-        spec.write_text(textwrap.dedent(f"""\
-            apiVersion: fleetctl/v1
-            kind: Fleet
-            name: {name}
-            labels: [{name}-fleet]
-            defaults: {{image: python:3.11-slim, memory_gb: 0.25, network_access: false}}
-            sandboxes:
-              - name: worker
-                replicas: {replicas}
-            """))  # fmt: skip
-        made.append(Fleet(server, name, replicas, spec))
+        made.append(Fleet.write(server, tmp_path, name, replicas))
         return made[-1]
 
     yield make
@@ -190,16 +118,11 @@ def summary(events: list[Event]) -> Event:
     return events[-1]
 
 
-def spawn_apply(fleet: Fleet, log: Path) -> subprocess.Popen[bytes]:
-    """`fleetctl apply SPEC --yes -o json` as a subprocess: NDJSON on a pipe, stderr to `log`."""
-    with log.open("ab") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fleetctl", "apply", str(fleet.spec), "--yes", "-o", "json"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=fleet.env(),
-            cwd=fleet.spec.parent,
-        )
+def running(fleet: Fleet) -> list[dict[str, Any]]:
+    """The fleet's sandboxes once all are RUNNING; fail if one failed or at the deadline."""
+    found = fleet.wait_running(timeout=30)
+    assert found is not None, [s["status"] for s in fleet.live()]
+    return found
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, list[Event]]:
@@ -208,27 +131,13 @@ def finish(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, list[
     return process.returncode, ndjson(out.decode())
 
 
-@contextlib.contextmanager
-def reaped(*processes: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Kill (by PID) whichever of our subprocesses still runs when the block exits."""
-    try:
-        yield
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=30)
-            if process.stdout is not None:
-                process.stdout.close()
-
-
 def test_apply_killed_midway_then_rerun_converges_to_exactly_the_replicas(
     throttled: Server, fleets: MakeFleet, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """SIGKILL while creates are in flight leaves a partial fleet; the re-run creates only
     what is missing (idempotency keys and live labels), so no key gets two sandboxes."""
     fleet = fleets(throttled, "t-resil-kill", 12)
-    process = spawn_apply(fleet, tmp_path / "killed.log")
+    process = fleet.spawn_apply(tmp_path / "killed.log")
     with reaped(process):
         seen = read_events(process, lambda e: any(x["event"] == "created" for x in e), 30)
         os.kill(process.pid, signal.SIGKILL)
@@ -241,7 +150,7 @@ def test_apply_killed_midway_then_rerun_converges_to_exactly_the_replicas(
     assert code == 0, out + err
     assert summary(ndjson(out))["failed"] == 0
     assert fleet.keys() == fleet.wanted()  # each key exactly once: no duplicate
-    assert len(fleet.wait_running()) == fleet.replicas
+    assert len(running(fleet)) == fleet.replicas
     assert run(capsys, "plan", str(fleet.spec), "--detailed-exitcode")[:2] == (
         0, "Plan: no changes.\n")  # fmt: skip
 
@@ -252,8 +161,8 @@ def test_two_concurrent_applies_of_one_spec_make_each_sandbox_once(
     """Two applies racing on one fleet (creates throttled, so their creates of the same
     keys overlap) get the same sandbox per key back; whatever either reported still exists."""
     fleet = fleets(throttled, "t-resil-race", 8)
-    first = spawn_apply(fleet, tmp_path / "first.log")
-    second = spawn_apply(fleet, tmp_path / "second.log")
+    first = fleet.spawn_apply(tmp_path / "first.log")
+    second = fleet.spawn_apply(tmp_path / "second.log")
     with reaped(first, second):
         results = [finish(first, 60), finish(second, 60)]
     logs = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
@@ -261,7 +170,7 @@ def test_two_concurrent_applies_of_one_spec_make_each_sandbox_once(
     for _, events in results:
         assert not events or summary(events)["failed"] == 0, events  # no events: no changes
     assert fleet.keys() == fleet.wanted()  # each key exactly once: no duplicate
-    live = {s["id"] for s in fleet.wait_running()}
+    live = {s["id"] for s in running(fleet)}
     created = [(e["key"], e["id"]) for _, events in results for e in events
                if e["event"] == "created"]  # fmt: skip
     assert {sandbox_id for _, sandbox_id in created} <= live, (created, live)
@@ -283,7 +192,7 @@ def test_apply_under_throttling_and_faults_creates_every_sandbox_once(
     assert done["throttled"] > 0 or done["retries"] > 0, done
     assert sorted(e["key"] for e in events if e["event"] == "created") == fleet.wanted()
     assert fleet.keys() == fleet.wanted()
-    assert len(fleet.wait_running()) == 20
+    assert len(running(fleet)) == 20
     code, out, err = run(capsys, "plan", str(fleet.spec), "--detailed-exitcode")
     assert (code, out) == (0, "Plan: no changes.\n"), err
     suffered = faults(faulty)

@@ -122,7 +122,12 @@ class Fleet:
         """The same fleet on another server (e.g. the one restarted on the same data dir)."""
         return Fleet(server, self.name, self.replicas, self.spec)
 
+    @property
+    def labels(self) -> list[str]:
+        return [fleet_label(self.name)]
+
     def env(self) -> dict[str, str]:
+        """The environment of a `fleetctl` aimed at this fleet's server."""
         return {
             **os.environ,
             "FLEETCTL_API_URL": self.server.url,
@@ -135,12 +140,16 @@ class Fleet:
             self.server,
             "GET",
             "/sandbox",
-            params={"labels": [fleet_label(self.name)], "per_page": 500},
+            params={"labels": self.labels, "per_page": 500},
         )
         assert response.is_success, response.text
         found = response.json()
         assert found["total"] == len(found["sandboxes"]), found["total"]
         return list(found["sandboxes"])
+
+    def keys(self) -> list[str]:
+        """The fleet keys of the live sandboxes, sorted; a duplicate appears twice."""
+        return keys_of(self.live())
 
     def wanted(self) -> list[str]:
         return sorted(f"worker-{i}" for i in range(self.replicas))
@@ -179,15 +188,17 @@ class Fleet:
     def apply(self) -> tuple[int, str]:
         return self.fleetctl("apply", str(self.spec), "--yes", "-o", "json")
 
-    def spawn_apply(self) -> subprocess.Popen[bytes]:
-        """`fleetctl apply SPEC --yes -o json` with NDJSON on a pipe, stderr discarded."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "fleetctl", "apply", str(self.spec), "--yes", "-o", "json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=self.env(),
-            cwd=self.spec.parent,
-        )
+    def spawn_apply(self, log: Path | None = None) -> subprocess.Popen[bytes]:
+        """`fleetctl apply SPEC --yes -o json` with NDJSON on a pipe, stderr to `log` (or
+        discarded)."""
+        with open(log or os.devnull, "ab") as err:
+            return subprocess.Popen(
+                [sys.executable, "-m", "fleetctl", "apply", str(self.spec), "--yes", "-o", "json"],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env(),
+                cwd=self.spec.parent,
+            )
 
 
 def keys_of(sandboxes: list[dict[str, Any]]) -> list[str]:
@@ -232,16 +243,17 @@ def created(count: int) -> Callable[[list[Event]], bool]:
 
 
 @contextlib.contextmanager
-def reaped(process: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Kill (by PID) our subprocess if it still runs when the block exits."""
+def reaped(*processes: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill (by PID) whichever of our subprocesses still runs when the block exits."""
     try:
         yield
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-        if process.stdout is not None:
-            process.stdout.close()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
+            if process.stdout is not None:
+                process.stdout.close()
 
 
 # --- checks -----------------------------------------------------------------------------
@@ -279,7 +291,7 @@ def destroy(fleet: Fleet, tally: Tally, what: str) -> None:
     left = fleet.live()
     if left:
         tally.problems.append(f"{what}: {len(left)} sandbox(es) still listed after destroy")
-        control(fleet.server, "DELETE", "/sandbox", json={"labels": [fleet_label(fleet.name)]})
+        control(fleet.server, "DELETE", "/sandbox", json={"labels": fleet.labels})
 
 
 def leftovers(data_dir: Path, ids: set[str]) -> list[str]:
