@@ -91,6 +91,36 @@ def test_token_from_environment_wins(
         run(capsys, "server", "stop", "--data-dir", str(data_dir))
 
 
+def test_extra_api_keys_are_accepted_and_rate_limited_apart(
+    capsys: pytest.CaptureFixture[str],
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLEETCTL_SERVER_TOKEN", "main-key-123")
+    second = tmp_path / "second.key"
+    second.write_text("second-key-456\n")
+    code, _, err = run(capsys, "server", "start", "--port", "0", "--data-dir", str(data_dir),
+                       "--api-key-file", str(tmp_path / "missing.key"))  # fmt: skip
+    assert code == 1
+    assert "cannot read the API key file" in (data_dir / "server.log").read_text(), err
+    argv = ["server", "start", "--port", "0", "--data-dir", str(data_dir),
+            "--api-key-file", str(second), "--rate-limit", "list=1/s"]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    try:
+        url = json.loads((data_dir / "server.json").read_text())["url"]
+        with httpx.Client(base_url=f"{url}/api/v1") as api:
+
+            def listed(key: str) -> int:
+                return api.get("/sandbox", headers={"Authorization": f"Bearer {key}"}).status_code
+
+            assert [listed("main-key-123"), listed("main-key-123")] == [200, 429]
+            assert listed("second-key-456") == 200  # a bucket of its own
+            assert listed("third-key-789") == 401
+    finally:
+        run(capsys, "server", "stop", "--data-dir", str(data_dir))
+
+
 def test_bad_server_flags_are_usage_errors(
     capsys: pytest.CaptureFixture[str], data_dir: Path
 ) -> None:
