@@ -35,7 +35,7 @@ from fleetctl.plan.model import Action, Plan
 from fleetctl.plan.planner import Limits
 from fleetctl.plan.prepare import Prepared, prepare
 from fleetctl.plan.refresh import list_all, make_plan, owned
-from fleetctl.plan.status import SandboxState, fleet_status
+from fleetctl.plan.status import JobPhase, SandboxState, fleet_status
 from fleetctl.sandboxes import AsyncSandboxClient
 from fleetctl.spec import Fleet
 from fleetctl.spec.schema import schema_text
@@ -73,9 +73,11 @@ def schema() -> None:
     output.echo(schema_text(), nl=False)
 
 
-async def _plan(client: AsyncSandboxClient, fleets: list[Fleet], limits: Limits) -> tuple[
-    Prepared, Plan
-]:  # fmt: skip
+Planned = tuple[Prepared, Plan]
+
+
+async def _plan(client: AsyncSandboxClient, fleets: list[Fleet], limits: Limits) -> Planned:
+    """Refresh and plan: the desired side, and the plan against live state."""
     prepared = prepare(fleets, client.api.endpoint.api_key)
     return prepared, await make_plan(client, prepared, limits)
 
@@ -309,7 +311,8 @@ def wait(
                 await anyio.sleep(min(1.0, left))
 
     states = anyio.run(run)
-    failed = [f"{s.fleet}/{s.key}:{j.name}" for s in states for j in s.jobs if j.state == "failed"]
+    failed = [f"{s.fleet}/{s.key}:{j.name}" for s in states for j in s.jobs
+              if j.state is JobPhase.FAILED]  # fmt: skip
     if failed:
         raise PartialFailure(f"jobs failed: {', '.join(failed)}")
     output.echo(f"{for_.value}: {len(states)} sandbox(es)")

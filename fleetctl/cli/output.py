@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fleetctl.apply.events import FINISHING, Emit, Event
+from fleetctl.apply.events import FINISHING, Emit, Event, Kind
 from fleetctl.apply.executor import Result
 from fleetctl.plan import saved
 from fleetctl.plan.model import Action, Plan
@@ -196,7 +196,7 @@ def configure_logging(log_format: Literal["console", "json"], verbose: int) -> N
 def log_event(event: Event) -> None:
     fields = {k: v for k, v in event.items() if k != "event"}
     logger = structlog.get_logger("fleetctl.apply")
-    if event["event"] == "failed":
+    if event["event"] == Kind.FAILED:
         logger.warning(event["event"], **fields)
     else:
         logger.info(event["event"], **fields)
