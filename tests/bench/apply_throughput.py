@@ -9,14 +9,19 @@ polled every few ms, through the SDK), then lets the create bucket refill and ru
 apply in-process on the CLI's code path (`load` → `fleetctl.plan.prepare.prepare` →
 `make_plan` → `execute`, with an `AsyncSandboxClient` on the server and the CLI's
 default `Options`). Every HTTP request of the apply is counted on the wire (patched
-`httpx.AsyncHTTPTransport`) by kind and status, beside the SDK's own `client.api.stats`.
-Afterwards it checks that n sandboxes of the fleet are RUNNING, destroys the fleet (bulk
-delete by its fleet label) and stops the server. Prints figures and, last, one line:
+`httpx.AsyncHTTPTransport`, `tests/bench/wire.py`) by kind and status, beside the SDK's
+own `client.api.stats`. Afterwards it checks that n sandboxes of the fleet are RUNNING,
+destroys the fleet (bulk delete by its fleet label) and stops the server. Prints figures
+and, last, one line:
 
     wall_s=… lower_bound_s=… ratio=… api_calls=… min_calls=… calls_ratio=… failures=…
 
     wall_s        load → prepare → plan (list) → apply, as `fleetctl apply` spends it
-    lower_bound_s n / rate + one sandbox's start time
+    lower_bound_s max(0, n - burst) / rate + one sandbox's start time, burst = max(1, rate):
+                  the server's create bucket holds one second of tokens and starts full
+                  (it is refilled after the probe), so the first `burst` creates need
+                  no wait and the other n - burst come at `rate` a second; the last
+                  sandbox then takes one start time to be RUNNING
     api_calls     HTTP requests the apply sent (429s and retries included)
     min_calls     n creates + ceil(n / 100) batch status polls + 1 list
     failures      keys the executor failed, or sandboxes missing from RUNNING after it
@@ -27,7 +32,6 @@ Targets on a 2-core machine: ratio ≤ 1.25, calls_ratio ≤ 1.5, failures = 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import shutil
@@ -36,7 +40,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +57,14 @@ from fleetctl.plan.prepare import prepare
 from fleetctl.plan.refresh import make_plan, owned
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
 from fleetctl.spec import load
+from tests.bench.wire import wire_counter
 from tests.conftest import start_server, stop_server
 
 FLEET = "bench-apply"
 IMAGE = "python:3.11-slim"
 PROBE_LABEL = "bench-apply-probe"
-#: The server's create bucket holds one second of tokens; wait this long after the probe.
+#: The server's create bucket holds one second of tokens (at least one), refilled in
+#: max(1, 1 / rate) s: wait this many times that after the probe, so the apply finds it full.
 REFILL_S = 1.5
 STATUS_PATH = "/api/v1/sandbox/status:batchGet"
 SANDBOX_PATH = "/api/v1/sandbox"
@@ -93,35 +98,6 @@ def kind(request: httpx.Request) -> str:
     if method == "DELETE":
         return "delete"
     return "other"
-
-
-@contextlib.contextmanager
-def wire_counter(counter: Counter[str]) -> Iterator[None]:
-    """Count every HTTP request sent through httpx's async transport, by kind and 429."""
-    original = httpx.AsyncHTTPTransport.handle_async_request
-
-    async def counted(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        what = kind(request)
-        counter["requests"] += 1
-        counter[what] += 1
-        try:
-            response = await original(self, request)
-        except httpx.TransportError as exc:
-            counter["transport_errors"] += 1
-            counter[f"transport {what} {type(exc).__name__}"] += 1
-            raise
-        if response.status_code == 429:
-            counter["429"] += 1
-            counter[f"{what}_429"] += 1
-        elif response.status_code >= 500:
-            counter["5xx"] += 1
-        return response
-
-    setattr(httpx.AsyncHTTPTransport, "handle_async_request", counted)  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(httpx.AsyncHTTPTransport, "handle_async_request", original)  # noqa: B010
 
 
 @dataclass
@@ -178,7 +154,7 @@ async def run_apply(url: str, token: str, spec: Path, n: int, parallelism: int) 
         run.last[name] = now
 
     async with client_for(url, token) as client:
-        with wire_counter(run.wire):
+        with wire_counter(run.wire, kind):
             fleets = load([str(spec)])
             prepared = prepare(fleets, client.api.endpoint.api_key)
             run.marks["prepared"] = time.perf_counter() - started
@@ -191,7 +167,7 @@ async def run_apply(url: str, token: str, spec: Path, n: int, parallelism: int) 
         live = await owned(client, [FLEET])
         run.running_after = sum(1 for s in live if s.status == "RUNNING")
         # What `apply` costs next time, when nothing changed: it stops after the plan.
-        with wire_counter(run.replan_wire):
+        with wire_counter(run.replan_wire, kind):
             started = time.perf_counter()
             again = await make_plan(client, prepare(load([str(spec)]), token), Limits())
             run.replan_s = time.perf_counter() - started
@@ -224,8 +200,8 @@ def report(run: Run, start_s: float, rate: float, parallelism: int) -> None:
     if creating > 0:
         print(
             f"create phase {creating:.2f} s: {run.events['created'] / creating:.1f} creates/s "
-            f"(server rate {rate:g}/s; a full bucket then {rate:g}/s needs "
-            f"{max(0.0, run.n - rate) / rate:.2f} s)"
+            f"(server rate {rate:g}/s; a full bucket of {max(1.0, rate):g} then {rate:g}/s "
+            f"needs {max(0.0, run.n - max(1.0, rate)) / rate:.2f} s)"
         )
     print(f"events: {dict(run.events)}")
     print(
@@ -280,7 +256,7 @@ def main() -> None:
         url, token = info.url, info.token
         try:
             start_s = anyio.run(probe_start, url, token)
-            time.sleep(REFILL_S)
+            time.sleep(REFILL_S * max(1.0, 1.0 / args.rate))
             run = anyio.run(run_apply, url, token, spec, args.n, args.parallelism)
         finally:
             destroyed = anyio.run(destroy, url, token)
@@ -293,7 +269,8 @@ def main() -> None:
     print(f"destroyed {deleted} sandboxes by label {fleet_label(FLEET)}, {not_deleted} failed")
     assert run.result is not None
     wall_s = run.marks["applied"]
-    lower_bound_s = args.n / args.rate + start_s
+    burst = max(1.0, args.rate)  # the create bucket: one second of tokens, full at start
+    lower_bound_s = max(0.0, args.n - burst) / args.rate + start_s
     api_calls = run.wire["requests"]
     min_calls = args.n + math.ceil(args.n / 100) + 1
     creates = sum(1 for a in run.result.done.values() if a == Action.create.value)

@@ -9,18 +9,30 @@ PRIME_API_BASE_URL / PRIME_API_KEY, HOME in a temp dir for its gateway token cac
 Each run creates n sandboxes with `asyncio.gather`, waits for them with
 `bulk_wait_for_creation`, runs `echo ok` in each (gathered) and bulk-deletes them by
 label. A sandbox counts as a failure if any of its steps raised (or the command did not
-print ``ok``); a step is skipped for a sandbox that already failed. No retries are added
-around either SDK. Whatever is left behind is swept by label afterwards, outside the
-timing. Prints figures for both and, last, one line:
+print ``ok``); a step is skipped for a sandbox that already failed.
 
-    ours_s=… official_s=… ours_failures=… official_failures=… ratio=…
+Both runs do equal work, every sandbox through every step. Ours waits out a 429 by
+itself; the official client raises `prime_sandboxes.APIError` ("HTTP 429: …") on a
+throttled create, so here, for the official client only, each create is WRAPPED in a
+retry: on a 429, and on nothing else, it sleeps 1/rate s (±50 % jitter) and sends the
+create again with the same idempotency key, until a deadline of 30 s + 3·n/rate from
+the start of the run (then the 429 counts as the sandbox's failure). No other retries
+are added around either SDK. Requests are counted on the wire (`tests/bench/wire.py`)
+by the server's rate class. Whatever is left behind is swept by label afterwards,
+outside the timing. Prints figures for both and, last, one line:
 
-with ratio = ours_s / official_s. Target: ours_failures=0 and ratio ≤ 1. Read it
-with the lines above it: when n > rate, the creates alone take at least
-(n - rate) / rate seconds for a client that makes them all, while the official SDK
-fails its throttled creates at once and goes on with fewer sandboxes; "ms each"
-(wall per sandbox that went through every step) compares equal work. Both runs use
-the same API key, hence the same server bucket: there is a pause between them.
+    ours_s=… official_s=… ours_failures=… official_failures=… ratio=… official_429_retries=…
+
+    ours_s, official_s    wall time of the four steps, per SDK
+    *_failures            sandboxes that did not get through every step
+    ratio                 ours_s / official_s: wall times of equal work when both
+                          failures are 0 (said so above the line when they are not)
+    official_429_retries  creates the wrapper sent again after a 429
+
+Targets: ours_failures=0, official_failures=0, ratio ≤ 1. When n > rate the creates
+alone take at least max(0, n - burst) / rate seconds for either SDK, burst = max(1, rate)
+(the server's bucket holds one second of tokens and starts full). Both runs use the same
+API key, hence the same server bucket: there is a pause between them.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -46,12 +59,16 @@ import prime_sandboxes
 
 from fleetctl.sandboxes import AsyncAPIClient, AsyncSandboxClient, CreateSandboxRequest
 from fleetctl.server.ratelimit import classify
+from tests.bench.wire import wire_counter
 from tests.conftest import start_server, stop_server
 
 IMAGE = "python:3.11-slim"
 STEPS = ("create", "wait", "exec", "delete")
-#: Pause between the runs: the server's bucket holds one second of tokens per API key.
+#: Pause between the runs, in times the bucket's refill time max(1, 1 / rate) s: the
+#: server's bucket holds one second of tokens (at least one) per API key.
 REFILL_S = 1.5
+#: The wrapper's deadline for one official create: this + 3 n / rate s from the run's start.
+RETRY_BASE_S = 30.0
 
 
 @dataclass
@@ -66,6 +83,7 @@ class Result:
     errors: dict[str, str] = field(default_factory=dict)  # step → first error seen
     wire: Counter[str] = field(default_factory=Counter)
     sdk_stats: dict[str, int] | None = None
+    retried_429: int | None = None  # creates the bench's wrapper sent again (official only)
 
     def fail(self, index: int, step: str, error: object) -> None:
         self.failed.setdefault(index, step)
@@ -73,36 +91,6 @@ class Result:
 
     def live(self, ids: dict[int, str]) -> dict[int, str]:
         return {i: sandbox_id for i, sandbox_id in ids.items() if i not in self.failed}
-
-
-@contextlib.contextmanager
-def wire_counter(counter: Counter[str]) -> Iterator[None]:
-    """Count every HTTP request either SDK sends, by the server's rate class and status.
-
-    Patches `httpx.AsyncHTTPTransport` (both SDKs use it underneath) rather than passing
-    a transport, which would change the clients' connection limits.
-    """
-    original = httpx.AsyncHTTPTransport.handle_async_request
-
-    async def counted(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        cls = classify(request.method, request.url.path)
-        counter["requests"] += 1
-        counter[cls] += 1
-        try:
-            response = await original(self, request)
-        except httpx.TransportError:
-            counter["transport_errors"] += 1
-            raise
-        if response.status_code == 429:
-            counter["429"] += 1
-            counter[f"{cls}_429"] += 1
-        return response
-
-    setattr(httpx.AsyncHTTPTransport, "handle_async_request", counted)  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(httpx.AsyncHTTPTransport, "handle_async_request", original)  # noqa: B010
 
 
 @contextlib.contextmanager
@@ -119,6 +107,28 @@ def environment(values: dict[str, str], unset: Sequence[str] = ()) -> Iterator[N
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def rate_class(request: httpx.Request) -> str:
+    return classify(request.method, request.url.path)
+
+
+def is_429(exc: BaseException) -> bool:
+    """Whether the official client raised for an HTTP 429 answer (and for nothing else).
+
+    Its `APIError` keeps the `httpx.HTTPStatusError` as cause or context; the message
+    ("HTTP 429: …") is the fallback.
+    """
+    if not isinstance(exc, prime_sandboxes.APIError):
+        return False
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain is short; bounded against a cycle
+        if seen is None:
+            break
+        if isinstance(seen, httpx.HTTPStatusError):
+            return seen.response.status_code == 429
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).startswith("HTTP 429")
 
 
 async def timed(result: Result, step: str, work: Awaitable[None]) -> None:
@@ -203,7 +213,7 @@ async def run_ours(url: str, token: str, n: int) -> Result:
         return [item.get("sandbox_id", "") for item in response.failed]
 
     try:
-        with wire_counter(result.wire):
+        with wire_counter(result.wire, rate_class):
             await fan_out(result, create, client.bulk_wait_for_creation, execute, bulk_delete)
         result.sdk_stats = dict(client.api.stats)
     finally:
@@ -211,19 +221,33 @@ async def run_ours(url: str, token: str, n: int) -> Result:
     return result
 
 
-async def run_official(url: str, token: str, n: int, home: Path) -> Result:
-    result = Result("official", n)
+async def run_official(url: str, token: str, n: int, rate: float, home: Path) -> Result:
+    result = Result("official", n, retried_429=0)
     label = ["bench-official"]
     env = {"PRIME_API_BASE_URL": url, "PRIME_API_KEY": token, "HOME": str(home)}
     unset = ("PRIME_BASE_URL", "PRIME_TEAM_ID", "PRIME_USER_ID")
+    jitter = random.Random(n)
+    deadline = time.monotonic() + RETRY_BASE_S + 3 * n / rate
     with environment(env, unset):
         client = prime_sandboxes.AsyncSandboxClient()
 
         async def create(i: int) -> str:
+            """The official create, WRAPPED in a retry on 429 (it raises on one)."""
             request = prime_sandboxes.CreateSandboxRequest(
-                name=f"official-{i}", docker_image=IMAGE, memory_gb=0.25, labels=label
+                name=f"official-{i}",
+                docker_image=IMAGE,
+                memory_gb=0.25,
+                labels=label,
+                idempotency_key=os.urandom(16).hex(),  # the same for each retry of this create
             )
-            return (await client.create(request)).id
+            while True:
+                try:
+                    return (await client.create(request)).id
+                except prime_sandboxes.APIError as exc:
+                    if not is_429(exc) or time.monotonic() >= deadline:
+                        raise
+                result.retried_429 = (result.retried_429 or 0) + 1
+                await asyncio.sleep(jitter.uniform(0.5, 1.5) / rate)
 
         async def execute(sandbox_id: str) -> str:
             return (await client.execute_command(sandbox_id, "echo ok")).stdout
@@ -233,7 +257,7 @@ async def run_official(url: str, token: str, n: int, home: Path) -> Result:
             return [item.get("sandbox_id", "") for item in response.failed]
 
         try:
-            with wire_counter(result.wire):
+            with wire_counter(result.wire, rate_class):
                 await fan_out(result, create, client.bulk_wait_for_creation, execute, bulk_delete)
         finally:
             await client.aclose()
@@ -274,9 +298,14 @@ def report(result: Result) -> None:
         if wire[cls]
     )
     print(
-        f"[{result.name}] HTTP requests {wire['requests']} ({classes}); "
-        f"429s {wire['429']}, transport errors {wire['transport_errors']}"
+        f"[{result.name}] HTTP requests {wire['requests']} ({classes}); 429s {wire['429']}, "
+        f"5xx {wire['5xx']}, transport errors {wire['transport_errors']}"
     )
+    if result.retried_429 is not None:
+        print(
+            f"[{result.name}] creates WRAPPED by this bench in a retry on 429 (the SDK raises "
+            f"on one): {result.retried_429} sent again"
+        )
     done = result.n - len(result.failed)
     if done:
         each_ms = result.wall_s / done * 1000
@@ -304,8 +333,9 @@ def main() -> None:
         url, token = info.url, info.token
         try:
             ours = asyncio.run(run_ours(url, token, args.n))
-            time.sleep(REFILL_S)  # same API key: let the create bucket refill for official
-            official = asyncio.run(run_official(url, token, args.n, home))
+            # same API key: let the create bucket refill for official
+            time.sleep(REFILL_S * max(1.0, 1.0 / args.rate))
+            official = asyncio.run(run_official(url, token, args.n, args.rate, home))
         finally:
             leftovers = asyncio.run(sweep(url, token, ["bench-ours", "bench-official"]))
     finally:
@@ -320,13 +350,24 @@ def main() -> None:
     report(ours)
     report(official)
     print(f"left behind and swept after the runs: {leftovers}")
-    floor = max(0.0, args.n - args.rate) / args.rate  # a full bucket, then `rate` a second
-    print(f"floor of the create step for {args.n} creates at {args.rate:g}/s: {floor:.2f} s")
+    burst = max(1.0, args.rate)  # the server's bucket: one second of tokens, full at start
+    floor = max(0.0, args.n - burst) / args.rate  # a full bucket, then `rate` a second
+    print(
+        f"floor of the create step for {args.n} creates at {args.rate:g}/s "
+        f"(burst {burst:g}): {floor:.2f} s, for either SDK"
+    )
+    if ours.failed or official.failed:
+        print(
+            f"NOT equal work: {len(ours.failed)} (ours) and {len(official.failed)} (official) "
+            "sandboxes failed a step, so the ratio compares different amounts of work"
+        )
+    else:
+        print(f"equal work: both SDKs took all {args.n} sandboxes through every step")
     ratio = ours.wall_s / official.wall_s
     print(
         f"ours_s={ours.wall_s:.2f} official_s={official.wall_s:.2f} "
         f"ours_failures={len(ours.failed)} official_failures={len(official.failed)} "
-        f"ratio={ratio:.2f}"
+        f"ratio={ratio:.2f} official_429_retries={official.retried_429}"
     )
 
 
