@@ -176,6 +176,18 @@ def test_main_process_exit_terminates_with_exit_code(
     assert context["status"] == "TERMINATED"
 
 
+def test_a_main_process_that_exits_at_once_is_terminated_never_a_failed_start(
+    api: httpx.Client, sandboxes: Create
+) -> None:
+    """Found by a flaky CI run: when `exit 3` ended before the server read its start time,
+    the sandbox was reported ERROR/START_FAILED (one in twenty). It started; it ended."""
+    made = [sandboxes(name=f"quick-exit-{i}", start_command="exit 3") for i in range(40)]
+    finals = [wait_for(api, record["id"], "TERMINATED", "ERROR") for record in made]
+    assert {(f["status"], f["exitCode"], f["errorType"]) for f in finals} == {
+        ("TERMINATED", 3, None)
+    }
+
+
 def test_openapi_document_is_served(server: Server) -> None:
     with httpx.Client() as anonymous:
         document = anonymous.get(f"{server.url}/openapi.json").json()

@@ -52,6 +52,9 @@ from fleetctl.server.runtime.bwrap.netns import connect_in_netns
 #: Host uids for sandboxes start here; each sandbox gets its own (base + seq).
 UID_BASE = 1_000_000_000
 UID_SPAN = 100_000_000
+#: The start time recorded for a main process that ended before it could be read: no
+#: process has it, so the sandbox is never taken for alive.
+NEVER = -1
 #: How this runtime keeps a sandbox with no main process of its own alive.
 IDLE = "exec sleep infinity"
 
@@ -193,12 +196,16 @@ class BwrapRuntime:
             raise RuntimeFailure(f"sandbox failed to start: {self.logs(spec.id, 400)}")
         init_pid = int(json.loads(info)["child-pid"])
         self._children[spec.id] = child
+        try:
+            init_start = _start_time(init_pid)
+        except OSError:  # it ran and already ended (`exit 3`): started, and not alive
+            init_start = NEVER
         return SandboxHandle(
             id=spec.id,
             uid=uid,
             bwrap_pid=child.pid,
             init_pid=init_pid,
-            init_start=_start_time(init_pid),
+            init_start=init_start,
             cgroup_version=cgroup.version if cgroup else None,
             cgroup_paths=tuple(str(p) for p in cgroup.paths) if cgroup else (),
         ).to_json()
