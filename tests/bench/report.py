@@ -3,7 +3,7 @@
     python tests/bench/report.py [--dry-run] [--quick]
 
 Runs, one after another, each as a subprocess of this interpreter from the repository
-root: ``local_runtime.py``, ``sdk_fanout.py --n 200 --rate 20``, ``apply_throughput.py
+root: ``local_runtime.py``, ``sdk_fanout.py --n 100 --rate 20``, ``apply_throughput.py
 --n 300 --rate 25``, ``plan_scale.py`` and ``reliability_report.py`` (short). Their
 output is passed through as it comes; the last line of each is its figures. Then the
 block of README.md between ``<!-- BEGIN bench -->`` and ``<!-- END bench -->`` is
@@ -68,8 +68,8 @@ def benches(quick: bool) -> list[Bench]:
         ]  # fmt: skip
     return [
         Bench("local_runtime.py", (), "50 sandboxes, 200 commands through the API", 900),
-        Bench("sdk_fanout.py", ("--n", "200", "--rate", "20"),
-              "create, wait, exec, delete 200 sandboxes under `create=20/s`, ours vs the "
+        Bench("sdk_fanout.py", ("--n", "100", "--rate", "20"),
+              "create, wait, exec, delete 100 sandboxes under `create=20/s`, ours vs the "
               "official SDK (its creates wrapped in a retry on 429)", 900),
         Bench("apply_throughput.py", ("--n", "300", "--rate", "25"),
               "`apply` of 300 sandboxes under `create=25/s`", 900),
