@@ -38,9 +38,9 @@ class ErrorType(StrEnum):
 
 
 # -- what a create gets when it does not say ------------------------------------------
+# A create without a start command keeps the sandbox idle for exec calls (what the
+# guide's `tail -f /dev/null` is for): the server runs nothing of the caller's.
 
-#: The guide's default main process: it keeps the sandbox idle for exec calls.
-IDLE_START_COMMAND = "tail -f /dev/null"
 DEFAULT_CPU_CORES = 1.0
 DEFAULT_MEMORY_GB = 2.0
 DEFAULT_DISK_SIZE_GB = 5

@@ -36,6 +36,9 @@ import pytest
 from fleetctl.server.asgi import key_id
 from fleetctl.server.runtime.bwrap.host import probe
 
+#: The official clients' suite runs in venvs of its own (tests/server/test_official_clients.py).
+collect_ignore = ["official"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

@@ -40,6 +40,7 @@ from fleetctl.sandboxes.models import (
     Sandbox,
     SandboxListResponse,
     SandboxStatus,
+    StartCommand,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "SandboxOOMError",
     "SandboxStatus",
     "SandboxTimeoutError",
+    "StartCommand",
     "UnauthorizedError",
     "UploadTimeoutError",
 ]

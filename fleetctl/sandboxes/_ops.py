@@ -25,6 +25,7 @@ from fleetctl.contract import (
     FINAL_STATUSES,
     MAX_BATCH,
     MAX_EXEC_TIMEOUT_S,
+    ErrorType,
     SandboxStatus,
 )
 from fleetctl.sandboxes import errors
@@ -194,8 +195,12 @@ class Operations:
                     sandbox = yield from self.get(sandbox_id)
                     found[sandbox_id] = (sandbox.status, sandbox.error_type, sandbox.error_message)
                 continue
-            for item in _model(BatchStatus, _ok(response)).sandboxes:
-                found[item.id] = (item.status, item.error_type, item.error_message)
+            batch = _model(BatchStatus, _ok(response))
+            for item in batch.statuses:
+                found[item.sandbox_id] = (item.status, item.error_type, item.error_message)
+            for error in batch.errors:  # gone: as today's SDK reads a gone sandbox
+                found[error.sandbox_id] = (SandboxStatus.TERMINATED, ErrorType.SANDBOX_NOT_FOUND,
+                                           f"{error.code}: {error.message}")  # fmt: skip
         return found
 
     def expose(

@@ -14,12 +14,20 @@ from fleetctl.contract import SandboxStatus
 __all__ = ["SandboxStatus"]  # re-exported: the SDK's users import it from here
 
 
+class StartCommand(BaseModel):
+    """A main process as an executable and its arguments (today's API form)."""
+
+    executable: str
+    args: list[str] = Field(default_factory=list)
+
+
 class CreateSandboxRequest(BaseModel):
-    """What to create. `secrets` are injected as environment variables and never read back."""
+    """What to create. `secrets` are injected as environment variables and never read back.
+    Without a `start_command` the sandbox stays idle, ready for `execute_command`."""
 
     name: str
     docker_image: str
-    start_command: str | None = contract.IDLE_START_COMMAND
+    start_command: str | StartCommand | None = None
     cpu_cores: float = contract.DEFAULT_CPU_CORES
     memory_gb: float = contract.DEFAULT_MEMORY_GB
     disk_size_gb: float = contract.DEFAULT_DISK_SIZE_GB
@@ -40,7 +48,7 @@ class Sandbox(_Wire):
     id: str
     name: str
     docker_image: str
-    start_command: str | None = None
+    start_command: str | StartCommand | None = None
     cpu_cores: float
     memory_gb: float = Field(alias="memoryGB")
     disk_size_gb: float = Field(alias="diskSizeGB")
@@ -107,15 +115,24 @@ class Logs(BaseModel):
     logs: str
 
 
-class BatchStatusItem(_Wire):
-    id: str
-    status: str | None = None
+class BatchStatusItem(BaseModel):
+    sandbox_id: str
+    status: str
     error_type: str | None = None
     error_message: str | None = None
 
 
-class BatchStatus(_Wire):
-    sandboxes: list[BatchStatusItem]
+class BatchStatusError(BaseModel):
+    sandbox_id: str
+    code: str
+    message: str = ""
+
+
+class BatchStatus(BaseModel):
+    """`POST /sandbox/status:batchGet`: every id asked for is in one of the two lists."""
+
+    statuses: list[BatchStatusItem]
+    errors: list[BatchStatusError] = Field(default_factory=list)
 
 
 class GatewayAuth(BaseModel):

@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from fleetctl import contract
 from fleetctl.contract import SandboxStatus
+from fleetctl.egress import EgressError, check_lists
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -36,37 +37,81 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class StartCommand(BaseModel):
+    """A main process as today's SDK sends it: an executable and its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+    executable: str = Field(min_length=1)
+    args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> StartCommand:
+        if any("\0" in part for part in (self.executable, *self.args)):
+            raise ValueError("the start command contains a NUL byte")
+        return self
+
+
 class CreateSandbox(_Request):
+    """A create, as any SDK release sends it: 0.2.31's string start command and
+    `network_access`, today's object start command, `vm`, egress lists and checkpoints."""
+
     name: str = Field(min_length=1, max_length=128)
-    docker_image: str = Field(min_length=1, max_length=512)
-    start_command: str | None = Field(
-        contract.IDLE_START_COMMAND, description="The main process; null keeps the sandbox idle."
-    )
+    docker_image: str | None = Field(None, min_length=1, max_length=512)
+    checkpoint_id: str | None = Field(None, min_length=1, max_length=64)
+    start_command: str | StartCommand | None = Field(
+        None, description="The main process (a shell command, or an executable and its "
+        "arguments); absent or null keeps the sandbox idle."
+    )  # fmt: skip
     cpu_cores: float = Field(contract.DEFAULT_CPU_CORES, gt=0, le=contract.MAX_CPU_CORES)
     memory_gb: float = Field(contract.DEFAULT_MEMORY_GB, gt=0, le=contract.MAX_MEMORY_GB)
-    disk_size_gb: float = Field(contract.DEFAULT_DISK_SIZE_GB, gt=0, le=contract.MAX_DISK_SIZE_GB)
+    disk_size_gb: float | None = Field(None, gt=0, le=contract.MAX_DISK_SIZE_GB)
     gpu_count: int = Field(0, ge=0, le=0, description="The local server has no GPUs.")
-    vm: bool = False
+    vm: bool | None = Field(
+        None, description="Accepted and echoed: every sandbox of this server is the same kind."
+    )
     network_access: bool = contract.DEFAULT_NETWORK_ACCESS
+    network_allowlist: list[str] | None = None
+    network_denylist: list[str] | None = None
     timeout_minutes: int = Field(
         contract.DEFAULT_TIMEOUT_MINUTES, ge=1, le=contract.MAX_TIMEOUT_MINUTES
     )
+    idle_timeout_minutes: int | None = Field(None, ge=1, le=contract.MAX_TIMEOUT_MINUTES)
     environment_vars: dict[str, str] | None = None
     secrets: dict[str, str] | None = None
     labels: list[str] = Field(default_factory=list, max_length=64)
     idempotency_key: str | None = Field(None, max_length=256)
+    volumes: list[dict[str, object]] | None = Field(
+        None, description="Not offered by this server: a create with volumes is refused (501)."
+    )
 
-    @field_validator("vm")
-    @classmethod
-    def _no_vm(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("VM sandboxes are not supported by the local server")
-        return value
+    @model_validator(mode="after")
+    def _consistent(self) -> CreateSandbox:
+        if self.docker_image is None and self.checkpoint_id is None:
+            raise ValueError("docker_image is required (unless checkpoint_id is given)")
+        if self.docker_image is not None and self.checkpoint_id is not None:
+            raise ValueError("give docker_image or checkpoint_id, not both")
+        if (
+            self.idle_timeout_minutes is not None
+            and self.idle_timeout_minutes > self.timeout_minutes
+        ):
+            raise ValueError("idle_timeout_minutes cannot exceed timeout_minutes")
+        try:
+            check_lists(self.network_allowlist, self.network_denylist)
+        except EgressError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("environment_vars", "secrets")
     @classmethod
     def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return check_env(value)
+
+    @field_validator("start_command")
+    @classmethod
+    def _no_nul_in_command(cls, value: str | StartCommand | None) -> str | StartCommand | None:
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("the start command contains a NUL byte")
+        return value
 
     @field_validator("idempotency_key")
     @classmethod
@@ -129,7 +174,10 @@ class Sandbox(_Camel):
     id: str
     name: str
     docker_image: str
-    start_command: str | None
+    start_command: str | StartCommand | None = Field(
+        description="In the form the client reads: today's SDK (0.4 on) an object, 0.2's a "
+        "string, any other client the form the sandbox was created with."
+    )
     cpu_cores: float
     memory_gb: float = Field(alias="memoryGB")
     disk_size_gb: float = Field(alias="diskSizeGB")
@@ -137,8 +185,12 @@ class Sandbox(_Camel):
     gpu_count: int = 0
     vm: bool = False
     network_access: bool
+    network_allowlist: list[str] | None = None
+    network_denylist: list[str] | None = None
+    checkpoint_id: str | None = Field(None, description="The checkpoint it was created from.")
     status: SandboxStatus
     timeout_minutes: int
+    idle_timeout_minutes: int | None = None
     termination_reason: str | None = None
     environment_vars: dict[str, str] | None = None
     labels: list[str]
@@ -168,16 +220,55 @@ class ErrorContext(_Camel):
     error_message: str | None
 
 
-class BatchStatusItem(_Camel):
-    id: str
-    status: SandboxStatus | None = None
+class SandboxStatusItem(BaseModel):
+    sandbox_id: str
+    status: SandboxStatus
     error_type: str | None = None
     error_message: str | None = None
-    error: str | None = None
+    pending_image_build_id: str | None = None
 
 
-class BatchStatusResponse(_Camel):
-    sandboxes: list[BatchStatusItem]
+class BatchError(BaseModel):
+    sandbox_id: str
+    code: Literal["NOT_FOUND"]
+    message: str
+
+
+class BatchStatusResponse(BaseModel):
+    """`POST /sandbox/status:batchGet`: every id asked for is in one of the two lists."""
+
+    statuses: list[SandboxStatusItem]
+    errors: list[BatchError]
+
+
+class JobRef(_Request):
+    sandbox_id: str = Field(min_length=1)
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class BatchJobStatus(_Request):
+    jobs: list[JobRef] = Field(min_length=1, max_length=contract.MAX_BATCH)
+
+
+class JobStatusItem(BaseModel):
+    sandbox_id: str
+    job_id: str
+    completed: bool
+    exit_code: int | None = None
+
+
+class JobError(BaseModel):
+    sandbox_id: str
+    job_id: str
+    code: Literal["NOT_FOUND", "NOT_RUNNING", "RUNTIME_ERROR"]
+    message: str
+
+
+class BatchJobStatusResponse(BaseModel):
+    """`POST /sandbox/background-jobs/status:batchGet`: each job's exit file read."""
+
+    statuses: list[JobStatusItem]
+    errors: list[JobError]
 
 
 class BulkDeleteResponse(BaseModel):

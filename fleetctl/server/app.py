@@ -22,11 +22,11 @@ from fleetctl.server.faults import FaultMiddleware, parse_faults
 from fleetctl.server.ratelimit import RateLimitMiddleware, parse_rate_limits
 from fleetctl.server.routes import control, gateway
 from fleetctl.server.routes.deps import Unauthorized
-from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService
+from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService, Unsupported
 
 #: Service errors and the statuses they answer with.
 STATUSES: dict[type[Exception], int] = {Unauthorized: 401, NotFound: 404, NotRunning: 409,
-                                        Refused: 400}  # fmt: skip
+                                        Refused: 400, Unsupported: 501}  # fmt: skip
 
 
 def create_app(
@@ -76,7 +76,11 @@ def create_app(
 
 
 async def _detail(_: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=STATUSES[type(exc)])
+    status = STATUSES[type(exc)]
+    body: dict[str, str] = {"detail": str(exc)}
+    if status == 501:  # what today's SDK shows, and a Connect-style code for others
+        body |= {"code": "unimplemented", "message": str(exc)}
+    return JSONResponse(body, status_code=status)
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

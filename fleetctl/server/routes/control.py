@@ -7,6 +7,9 @@ as the official SDK parses them (see `fleetctl.server.api`).
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -17,6 +20,7 @@ from fleetctl.server import api
 from fleetctl.server.asgi import CONTROL_PREFIX, DATA_PREFIX, bearer, key_id
 from fleetctl.server.faults import FaultMiddleware
 from fleetctl.server.routes.deps import Service, api_key
+from fleetctl.server.service import Unsupported
 from fleetctl.server.store import ExposureRecord, SandboxRecord
 
 USER_NS = "local"
@@ -31,14 +35,56 @@ def health() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
 
+#: Parts of today's sandbox API this server does not offer, by what they are for. They
+#: answer 501 with a message (before any route they could be mistaken for).
+UNSUPPORTED: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "volumes": (
+        ("/sandbox/volumes", ("GET", "POST")),
+        ("/sandbox/volumes/{name}", ("GET", "DELETE")),
+        ("/sandbox/{sandbox_id}/volumes/{name}/publish", ("POST",)),
+    ),
+    "LAN networks": (
+        ("/sandbox/networks", ("GET", "POST")),
+        ("/sandbox/networks/{network_id}", ("GET", "DELETE")),
+        ("/sandbox/networks/{network_id}/rules", ("PUT",)),
+        ("/sandbox/networks/{network_id}/members/{sandbox_id}", ("PUT", "DELETE")),
+    ),
+    "SSH sessions": (
+        ("/sandbox/{sandbox_id}/ssh-session", ("POST",)),
+        ("/sandbox/{sandbox_id}/ssh-session/{session_id}", ("DELETE",)),
+    ),
+    "egress policies": (("/sandbox/{sandbox_id}/egress-policy", ("GET", "PUT")),),
+    "image builds": (
+        ("/images", ("GET", "PATCH")),
+        ("/images/build", ("POST",)),
+        ("/images/build/{build_id}", ("GET",)),
+        ("/images/build/{build_id}/start", ("POST",)),
+    ),
+}
+
+
+def _unsupported(feature: str) -> Callable[[], None]:
+    def refuse() -> None:
+        raise Unsupported(f"{feature} are not offered by the local sandbox server")
+
+    return refuse
+
+
+for _feature, _routes in UNSUPPORTED.items():
+    for _path, _methods in _routes:
+        router.add_api_route(_path, _unsupported(_feature), methods=list(_methods),
+                             include_in_schema=False)  # fmt: skip
+
+
 @router.post("/sandbox", response_model=api.Sandbox, **camel)
-async def create(service: Service, body: api.CreateSandbox) -> api.Sandbox:
-    return sandbox_view(await service.sandboxes.create(body))
+async def create(service: Service, body: api.CreateSandbox, request: Request) -> api.Sandbox:
+    return sandbox_view(await service.sandboxes.create(body), client_release(request))
 
 
 @router.get("/sandbox", response_model=api.SandboxList, **camel)
 def list_sandboxes(
     service: Service,
+    request: Request,
     page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
     per_page: Annotated[int, Query(ge=1, le=500)] = 50,
     labels: Annotated[list[str] | None, Query()] = None,
@@ -68,28 +114,32 @@ def all_exposures(service: Service, request: Request) -> api.ExposedPortList:
     )
 
 
-@router.post("/sandbox/status:batchGet", response_model=api.BatchStatusResponse, **camel)
+@router.post("/sandbox/status:batchGet", response_model=api.BatchStatusResponse)
 def batch_status(service: Service, body: api.BatchStatus) -> api.BatchStatusResponse:
-    items = []
-    for sandbox_id in body.sandbox_ids:
+    statuses, errors = [], []
+    for sandbox_id in dict.fromkeys(body.sandbox_ids):
         record = service.store.get(sandbox_id)
         if record is None:
-            items.append(api.BatchStatusItem(id=sandbox_id, error="not found"))
+            errors.append(api.BatchError(sandbox_id=sandbox_id, code="NOT_FOUND",
+                                         message=f"sandbox {sandbox_id} not found"))  # fmt: skip
         else:
-            items.append(
-                api.BatchStatusItem(
-                    id=sandbox_id,
-                    status=SandboxStatus(record.status),
-                    error_type=record.error_type,
-                    error_message=record.error_message,
-                )
-            )
-    return api.BatchStatusResponse(sandboxes=items)
+            statuses.append(api.SandboxStatusItem(
+                sandbox_id=sandbox_id, status=SandboxStatus(record.status),
+                error_type=record.error_type, error_message=record.error_message,
+            ))  # fmt: skip
+    return api.BatchStatusResponse(statuses=statuses, errors=errors)
+
+
+@router.post("/sandbox/background-jobs/status:batchGet", response_model=api.BatchJobStatusResponse)
+async def batch_job_status(
+    service: Service, body: api.BatchJobStatus
+) -> api.BatchJobStatusResponse:
+    return await service.data.job_statuses(body.jobs)
 
 
 @router.get("/sandbox/{sandbox_id}", response_model=api.Sandbox, **camel)
-def get(service: Service, sandbox_id: str) -> api.Sandbox:
-    return sandbox_view(service.sandboxes.get(sandbox_id))
+def get(service: Service, sandbox_id: str, request: Request) -> api.Sandbox:
+    return sandbox_view(service.sandboxes.get(sandbox_id), client_release(request))
 
 
 @router.delete("/sandbox/{sandbox_id}")
@@ -173,19 +223,43 @@ def _fault_middleware(current: Any) -> FaultMiddleware | None:
     return None
 
 
-def sandbox_view(record: SandboxRecord) -> api.Sandbox:
+def client_release(request: Request) -> tuple[int, ...] | None:
+    """The official SDK's release from its User-Agent (`prime-sandboxes/0.5.1 ...`)."""
+    agent = request.headers.get("user-agent", "")
+    match = re.match(r"prime-sandboxes/(\d+)\.(\d+)", agent)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def start_command_for(stored: object, release: tuple[int, ...] | None) -> object:
+    """The start command in the form the client reads: 0.4 and later accept only an
+    object, 0.2 and 0.3 only a string; other clients get it as it was given."""
+    if stored is None or release is None:
+        return stored
+    if release >= (0, 4) and isinstance(stored, str):
+        return {"executable": "/bin/sh", "args": ["-c", stored]}
+    if release < (0, 4) and isinstance(stored, dict):
+        return shlex.join([stored["executable"], *stored["args"]])
+    return stored
+
+
+def sandbox_view(record: SandboxRecord, release: tuple[int, ...] | None = None) -> api.Sandbox:
     request = record.request
     return api.Sandbox(
         id=record.id,
         name=record.name,
         docker_image=request["docker_image"],
-        start_command=request.get("start_command"),
+        start_command=start_command_for(request.get("start_command"), release),
         cpu_cores=request["cpu_cores"],
         memory_gb=request["memory_gb"],
         disk_size_gb=request["disk_size_gb"],
+        vm=bool(request.get("vm")),
         network_access=request["network_access"],
+        network_allowlist=request.get("network_allowlist"),
+        network_denylist=request.get("network_denylist"),
+        checkpoint_id=request.get("checkpoint_id"),
         status=SandboxStatus(record.status),
         timeout_minutes=request["timeout_minutes"],
+        idle_timeout_minutes=request.get("idle_timeout_minutes"),
         termination_reason=record.termination_reason,
         environment_vars=request.get("environment_vars"),
         labels=list(record.labels),

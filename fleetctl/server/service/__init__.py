@@ -20,10 +20,17 @@ from fleetctl.server.service.adoption import Adoption
 from fleetctl.server.service.dataplane import DataPlane
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
-from fleetctl.server.service.state import NotFound, NotRunning, Refused, Settings, Shared
+from fleetctl.server.service.state import (
+    NotFound,
+    NotRunning,
+    Refused,
+    Settings,
+    Shared,
+    Unsupported,
+)
 from fleetctl.server.store import Store
 
-__all__ = ["NotFound", "NotRunning", "Refused", "SandboxService", "Settings"]
+__all__ = ["NotFound", "NotRunning", "Refused", "SandboxService", "Settings", "Unsupported"]
 
 
 class SandboxService:

@@ -15,10 +15,19 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from fleetctl import contract
 from fleetctl.contract import FINAL_STATUSES, ErrorType, SandboxStatus
 from fleetctl.server import api
 from fleetctl.server.runtime.base import Handle, LaunchSpec, Limits, RuntimeFailure
-from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
+from fleetctl.server.service.state import (
+    NotFound,
+    NotRunning,
+    Refused,
+    Shared,
+    Unsupported,
+    handle_of,
+    shell_command,
+)
 from fleetctl.server.store import SandboxRecord
 
 PIDS_LIMIT = 1024
@@ -53,8 +62,20 @@ class Lifecycle:
                 "this host cannot enforce cpu, memory and process limits (see `fleetctl "
                 "doctor`); refusing to create a sandbox without them"
             )
+        if request.volumes:
+            raise Unsupported("volumes are not offered by the local sandbox server")
+        if request.network_allowlist is not None or request.network_denylist is not None:
+            raise Unsupported(
+                "egress allow/deny lists are not enforced by the local sandbox server yet; "
+                "create the sandbox without them (network_access true or false)"
+            )
+        if request.checkpoint_id is not None:
+            raise Unsupported("creating from a checkpoint is not offered yet")
         now = self.shared.clock()
-        stored = request.model_dump(exclude={"secrets", "idempotency_key"})
+        stored = request.model_dump(exclude={"secrets", "idempotency_key", "volumes"})
+        if stored["disk_size_gb"] is None:
+            stored["disk_size_gb"] = float(contract.DEFAULT_DISK_SIZE_GB)
+        stored["vm"] = bool(stored["vm"])
         record = SandboxRecord(
             id=secrets.token_hex(10),
             seq=0,
@@ -100,7 +121,7 @@ class Lifecycle:
         spec = LaunchSpec(
             id=record.id,
             seq=record.seq,
-            start_command=request.get("start_command"),
+            start_command=shell_command(request.get("start_command")),
             env=self.shared.env.get(record.id, {}),
             network=bool(request["network_access"]),
             limits=Limits(

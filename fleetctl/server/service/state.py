@@ -3,6 +3,7 @@ in memory, and the errors routes turn into statuses."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,10 @@ class Refused(Exception):
     """A request this host cannot honour, or that conflicts with current state."""
 
 
+class Unsupported(Exception):
+    """A feature of the sandbox API this server does not offer (volumes, LAN networks...)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path
@@ -49,10 +54,20 @@ class Shared:
     runtime: Runtime
     settings: Settings
     env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: When each sandbox was last used through the data plane (for idle timeouts).
+    used: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def clock(self) -> Clock:
         return self.settings.clock
+
+
+def shell_command(start_command: object) -> str | None:
+    """A stored start command (a shell string, or today's {executable, args}) as one
+    shell command; None keeps the sandbox idle."""
+    if isinstance(start_command, dict):
+        return "exec " + shlex.join([start_command["executable"], *start_command["args"]])
+    return start_command if isinstance(start_command, str) else None
 
 
 def handle_of(record: SandboxRecord | None) -> Handle | None:

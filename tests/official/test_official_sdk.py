@@ -1,9 +1,8 @@
-"""The official `prime-sandboxes` SDK, unmodified, against the session's real server.
+"""The official `prime-sandboxes` SDK, unmodified, against a real fleetctl server.
 
-Each test points the SDK at the server through its own environment variables and
-gives it a private HOME, because the SDK caches gateway tokens in
-~/.prime/sandbox_auth_cache.json keyed only by sandbox id. Everything a test
-creates is bulk-deleted through the raw API afterwards, even if the SDK failed.
+Runs inside the venv of one release (see conftest.py): every test that release can
+run. Everything a test creates is bulk-deleted through the raw API afterwards, even
+if the SDK failed.
 """
 
 from __future__ import annotations
@@ -33,22 +32,9 @@ from prime_sandboxes import (
     UnauthorizedError,
 )
 
-from tests.conftest import Server
+from tests.official.release import RELEASE
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def prime_home(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Aim the SDK at the session's server with a HOME (and auth cache) of its own."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("PRIME_API_BASE_URL", server.url)
-    monkeypatch.setenv("PRIME_API_KEY", server.token)
-    for name in ("PRIME_BASE_URL", "PRIME_TEAM_ID", "PRIME_USER_ID"):
-        monkeypatch.delenv(name, raising=False)
-    return home
 
 
 @pytest.fixture
@@ -61,7 +47,13 @@ def made(api: httpx.Client) -> Iterator[list[str]]:
 
 
 def request(**fields: Any) -> CreateSandboxRequest:
-    """A small sandbox request; keyword arguments override the defaults."""
+    """A small sandbox request; keyword arguments override the defaults. A shell start
+    command is sent in the form the release takes (0.2.39 on: an executable and args)."""
+    command = fields.get("start_command")
+    if isinstance(command, str) and RELEASE >= (0, 2, 39):
+        from prime_sandboxes import StartCommand  # noqa: PLC0415 - not in 0.2.31
+
+        fields["start_command"] = StartCommand(executable="/bin/sh", args=["-c", command])
     return CreateSandboxRequest(
         **{"name": "sdk", "docker_image": "python:3.11-slim", "memory_gb": 0.5, **fields}
     )
