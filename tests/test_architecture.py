@@ -21,7 +21,13 @@ MAX_LINES = 450
 #: Bottom to top. A module may import its own package and anything in a lower layer;
 #: packages sharing a layer know nothing of each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fleetctl.errors", "fleetctl.contract", "fleetctl.redact"),
+    (
+        "fleetctl.errors",
+        "fleetctl.contract",
+        "fleetctl.redact",
+        "fleetctl.egress",
+        "fleetctl.proto",
+    ),
     ("fleetctl.sandboxes", "fleetctl.spec", "fleetctl.server"),
     ("fleetctl.plan",),
     ("fleetctl.apply",),

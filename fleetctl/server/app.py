@@ -1,7 +1,8 @@
 """The ASGI app of the local server: routers per plane, middlewares, errors, lifespan.
 
     control plane   /api/v1                   (fleetctl.server.routes.control)
-    data plane      /gw/{user_ns}/{job_id}    (fleetctl.server.routes.gateway)
+    data plane      /gw/{user_ns}/{job_id}    (fleetctl.server.routes.gateway: REST;
+                                               fleetctl.server.routes.connect: Connect RPC)
 
 The app keeps the service and the accepted API keys in `app.state`; the routes
 reach them through `routes.deps`.
@@ -18,9 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fleetctl import __version__
+from fleetctl.server.asgi import DATA_PREFIX
 from fleetctl.server.faults import FaultMiddleware, parse_faults
 from fleetctl.server.ratelimit import RateLimitMiddleware, parse_rate_limits
 from fleetctl.server.routes import control, gateway
+from fleetctl.server.routes.connect import ConnectGateway
 from fleetctl.server.routes.deps import Unauthorized
 from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService, Unsupported
 
@@ -72,6 +75,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     for router in (control.public, control.router, gateway.router):
         app.include_router(router)
+    # after the REST routes of the gateway, which it must not shadow
+    app.mount(f"{DATA_PREFIX}/{{user_ns}}/{{job_id}}", ConnectGateway(service))
     return app
 
 

@@ -13,13 +13,13 @@ call, so sandboxes can be found after a server restart. Only the runtime reads i
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from anyio.abc import ByteReceiveStream
+from anyio.abc import ByteReceiveStream, ByteSendStream
 
 Handle = Mapping[str, Any]
 
@@ -83,6 +83,32 @@ class FileSlice:
     total: int
 
 
+class Spawned(Protocol):
+    """A process running inside a sandbox, as `Runtime.spawn` gives it."""
+
+    @property
+    def pid(self) -> int:
+        """Its pid inside the sandbox."""
+        ...
+
+    @property
+    def stdin(self) -> ByteSendStream | None: ...
+
+    @property
+    def stdout(self) -> ByteReceiveStream: ...
+
+    @property
+    def stderr(self) -> ByteReceiveStream: ...
+
+    async def wait(self) -> int:
+        """Its exit code once it ended; 128 + N when signal N ended it."""
+        ...
+
+    def signal(self, number: int) -> None:
+        """Send signal `number` to the process (not to what it started)."""
+        ...
+
+
 class Runtime(Protocol):
     """Starts, enters and removes sandboxes. Blocking methods are called from a worker
     thread; async ones on the event loop."""
@@ -121,6 +147,13 @@ class Runtime(Protocol):
     ) -> ExecResult:
         """Run a shell command as the sandbox's root; past `timeout`, kill it and everything
         it started and answer `timed_out`."""
+        ...
+
+    def spawn(
+        self, handle: Handle, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+    ) -> AbstractAsyncContextManager[Spawned]:
+        """Start `argv` as the sandbox's root, streaming its output; leaving the block kills
+        it and everything it started, if still running."""
         ...
 
     async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:

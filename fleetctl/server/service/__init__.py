@@ -3,6 +3,7 @@
     lifecycle.py   create, provision, find, delete; `finish` ends a sandbox whoever asks
     monitor.py     timeouts, OOM, exits and disk, checked every pass
     dataplane.py   gateway tokens, exec, files, exposures
+    processes.py   live processes: streamed output, stdin, signals, re-attach
     adoption.py    taking over from the previous server; leaving to the next one
     state.py       what they share: settings, store, runtime, in-memory environments
 
@@ -20,6 +21,7 @@ from fleetctl.server.service.adoption import Adoption
 from fleetctl.server.service.dataplane import DataPlane
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
+from fleetctl.server.service.processes import Processes
 from fleetctl.server.service.state import (
     NotFound,
     NotRunning,
@@ -35,13 +37,14 @@ __all__ = ["NotFound", "NotRunning", "Refused", "SandboxService", "Settings", "U
 
 class SandboxService:
     """The pieces, wired together; routes call them through `sandboxes`, `monitor`,
-    `data` and `adoption`."""
+    `data`, `processes` and `adoption`."""
 
     def __init__(self, store: Store, runtime: Runtime, settings: Settings) -> None:
         self.shared = Shared(store, runtime, settings)
         self.sandboxes = Lifecycle(self.shared)
         self.monitor = Monitor(self.shared, self.sandboxes)
         self.data = DataPlane(self.shared, self.sandboxes, self.monitor)
+        self.processes = Processes(self.shared, self.sandboxes, self.data.live)
         self.adoption = Adoption(self.shared, self.sandboxes)
 
     @property
@@ -56,6 +59,7 @@ class SandboxService:
         """Start background work in `group`: adoption of leftovers, exposures, the monitor."""
         await anyio.to_thread.run_sync(self.adoption.reclaim)
         self.sandboxes.run(group)
+        self.processes.run(group)
         await self.data.run(group)
         group.start_soon(self.monitor.run, monitor_interval)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import anyio
 from anyio.abc import ByteReceiveStream, TaskGroup
 
-from fleetctl.contract import job_files
+from fleetctl.contract import SandboxStatus, job_files
 from fleetctl.server import api
 from fleetctl.server.proxy import Forwarder
 from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, Handle
@@ -59,12 +59,17 @@ class DataPlane:
                 store.remove_exposure(exposure.id)
 
     def _forget(self, sandbox_id: str) -> None:
+        self.shared.used.pop(sandbox_id, None)
         for token, (owner, _) in list(self._tokens.items()):
             if owner == sandbox_id:
                 del self._tokens[token]
         for exposure in self.shared.store.exposures(sandbox_id):
             self._stop_forwarder(exposure.id)
             self.shared.store.remove_exposure(exposure.id)
+
+    def touch(self, sandbox_id: str) -> None:
+        """The sandbox was just used (its idle timeout starts again)."""
+        self.shared.used[sandbox_id] = self.shared.clock()
 
     # -- gateway tokens -----------------------------------------------------------
 
@@ -82,8 +87,17 @@ class DataPlane:
 
     # -- commands and files --------------------------------------------------------
 
-    async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
+    async def live(self, sandbox_id: str) -> Handle:
+        """The handle of a sandbox that is RUNNING and really alive: one whose main process
+        just ended is ended now (NotRunning), not served until the monitor's next pass."""
         record, handle = self.lifecycle.running(sandbox_id)
+        if await self.monitor.check(record, handle):
+            raise NotRunning(self.lifecycle.get(sandbox_id))
+        self.touch(sandbox_id)
+        return handle
+
+    async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
+        handle = await self.live(sandbox_id)
         if request.user not in (None, *ROOT_USERS):
             # Each sandbox's user namespace maps one user (its root); running as another
             # would need a uid range per sandbox. Refuse rather than silently run as root.
@@ -99,9 +113,13 @@ class DataPlane:
             cwd=request.working_dir or DEFAULT_WORKDIR,
             timeout=request.timeout,
         )
-        # an OOM kill ends the sandbox; the caller sees it not running
-        if await self.monitor.end_if_oom(record.id, handle):
-            raise NotRunning(self.lifecycle.get(record.id))
+        # an OOM kill ends the sandbox; the caller sees it not running (a command that
+        # ended the main process ran, though: its result stands, the monitor ends it)
+        record = self.lifecycle.get(sandbox_id)
+        if record.status == SandboxStatus.RUNNING and await self.monitor.check(
+            record, handle, oom_only=True
+        ):
+            raise NotRunning(self.lifecycle.get(sandbox_id))
         return result
 
     async def job_statuses(self, jobs: Sequence[api.JobRef]) -> api.BatchJobStatusResponse:
@@ -114,7 +132,7 @@ class DataPlane:
 
         async def one(sandbox_id: str, ids: list[str]) -> None:
             try:
-                handle = self.lifecycle.running(sandbox_id)[1]
+                handle = await self.live(sandbox_id)
                 exits = await self._exit_codes(handle, ids)
             except (NotFound, NotRunning) as exc:
                 code: Literal["NOT_FOUND", "NOT_RUNNING"] = (
@@ -151,7 +169,7 @@ class DataPlane:
 
     async def upload(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream `chunks` into the file `path` (parents created); returns the size written."""
-        handle = self.lifecycle.running(sandbox_id)[1]
+        handle = await self.live(sandbox_id)
         try:
             return await self.shared.runtime.put_file(handle, path, chunks)
         except FileRefused as exc:
@@ -162,7 +180,7 @@ class DataPlane:
         self, sandbox_id: str, path: str
     ) -> AsyncIterator[tuple[int, ByteReceiveStream]]:
         """Yield (size, byte stream) of a file in the sandbox; NotFound when missing."""
-        handle = self.lifecycle.running(sandbox_id)[1]
+        handle = await self.live(sandbox_id)
         try:
             async with self.shared.runtime.get_file(handle, path) as found:
                 yield found
@@ -172,7 +190,7 @@ class DataPlane:
     async def read_file(
         self, sandbox_id: str, path: str, offset: int, length: int | None
     ) -> api.ReadFileResponse:
-        handle = self.lifecycle.running(sandbox_id)[1]
+        handle = await self.live(sandbox_id)
         length = READ_FILE_MAX if length is None else length
         if length > READ_FILE_MAX or length < 0:
             raise Refused(f"length must be between 0 and {READ_FILE_MAX}")
@@ -194,7 +212,7 @@ class DataPlane:
     # -- exposures -----------------------------------------------------------------
 
     async def expose(self, sandbox_id: str, request: api.ExposeRequest) -> ExposureRecord:
-        handle = self.lifecycle.running(sandbox_id)[1]
+        handle = await self.live(sandbox_id)
         store = self.shared.store
         if any(e.port == request.port for e in store.exposures(sandbox_id)):
             raise Refused(f"port {request.port} is already exposed for sandbox {sandbox_id}")

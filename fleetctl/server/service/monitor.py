@@ -1,5 +1,6 @@
-"""The monitor: ends sandboxes that exited, ran out of memory, time or disk, and forgets
-deleted ones after a while. OOM is also checked right after each exec (`end_if_oom`)."""
+"""The monitor: ends sandboxes that exited, ran out of memory, time (lifetime or idle) or
+disk, and forgets deleted ones after a while. The data plane runs the same `check` before
+and after it uses a sandbox, so a sandbox that just ended is never served."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ class Monitor:
     async def tick(self) -> None:
         """One pass: end sandboxes that exited, ran out of memory, time or disk."""
         store, runtime = self.shared.store, self.shared.runtime
-        now = self.shared.clock()
         records, _ = store.query(status=SandboxStatus.RUNNING)
         if time.monotonic() >= self._next_disk_check:
             self._next_disk_check = time.monotonic() + DISK_CHECK_SECONDS
@@ -49,47 +49,52 @@ class Monitor:
             records, _ = store.query(status=SandboxStatus.RUNNING)
         for record in records:
             handle = handle_of(record)
-            if handle is None:
-                continue
-            usage = runtime.usage(handle)
-            if usage.oom_kills:
-                await self._end_oom(record.id)
-                continue
-            minutes = int(record.request["timeout_minutes"])
-            deadline = (record.started_at or record.created_at) + timedelta(
-                minutes=minutes * self.shared.settings.timeout_scale
-            )
-            if now >= deadline:
-                message = f"the sandbox exceeded its timeout of {minutes} minutes"
-                await self.lifecycle.finish(
-                    record.id, SandboxStatus.TIMEOUT, error_type=ErrorType.TIMEOUT, message=message
-                )
-                continue
-            if not usage.alive:
-                store.update(record.id, exit_code=usage.exit_code)
-                reason = f"the main process exited with code {usage.exit_code}"
-                await self.lifecycle.finish(record.id, SandboxStatus.TERMINATED, reason=reason)
-        retention = now - DELETED_RETENTION
+            if handle is not None:
+                await self.check(record, handle)
+        retention = self.shared.clock() - DELETED_RETENTION
         for record in store.query(include_deleted=True, status=SandboxStatus.TERMINATED)[0]:
             if record.deleted_at is not None and record.deleted_at < retention:
                 store.purge(record.id)
                 runtime.forget(record.id)
 
-    async def end_if_oom(self, sandbox_id: str, handle: Handle) -> bool:
-        """An OOM kill anywhere in the sandbox ends it as ERROR/OOM_KILLED (as the cloud's
-        container does); True if it did."""
-        if not self.shared.runtime.usage(handle).oom_kills:
+    async def check(self, record: SandboxRecord, handle: Handle, *, oom_only: bool = False) -> bool:
+        """End a RUNNING sandbox that ran out of memory (ERROR/OOM_KILLED, as the cloud's
+        container does: an OOM kill anywhere in it), past its lifetime or idle timeout
+        (TIMEOUT), or whose main process exited (TERMINATED); True if it ended. With
+        `oom_only` (after an exec, whose result an OOM kill spoils), only the first."""
+        usage = self.shared.runtime.usage(handle)
+        if usage.oom_kills:
+            await self.lifecycle.finish(record.id, SandboxStatus.ERROR,
+                                        error_type=ErrorType.OOM_KILLED,
+                                        message="the sandbox ran out of memory")  # fmt: skip
+            return True
+        if oom_only:
             return False
-        await self._end_oom(sandbox_id)
-        return True
+        timed_out = self._timed_out(record)
+        if timed_out:
+            await self.lifecycle.finish(record.id, SandboxStatus.TIMEOUT,
+                                        error_type=ErrorType.TIMEOUT,
+                                        message=timed_out)  # fmt: skip
+            return True
+        if not usage.alive:
+            self.shared.store.update(record.id, exit_code=usage.exit_code)
+            reason = f"the main process exited with code {usage.exit_code}"
+            await self.lifecycle.finish(record.id, SandboxStatus.TERMINATED, reason=reason)
+            return True
+        return False
 
-    async def _end_oom(self, sandbox_id: str) -> None:
-        await self.lifecycle.finish(
-            sandbox_id,
-            SandboxStatus.ERROR,
-            error_type=ErrorType.OOM_KILLED,
-            message="the sandbox ran out of memory",
-        )
+    def _timed_out(self, record: SandboxRecord) -> str | None:
+        """Why the sandbox is out of time (its lifetime, or its idle timeout), or None."""
+        now, scale = self.shared.clock(), self.shared.settings.timeout_scale
+        started = record.started_at or record.created_at
+        minutes = int(record.request["timeout_minutes"])
+        if now >= started + timedelta(minutes=minutes * scale):
+            return f"the sandbox exceeded its timeout of {minutes} minutes"
+        idle = record.request.get("idle_timeout_minutes")
+        last_used = max(started, self.shared.used.get(record.id, started))
+        if idle and now >= last_used + timedelta(minutes=int(idle) * scale):
+            return f"the sandbox was idle for {idle} minutes (its idle_timeout_minutes)"
+        return None
 
     async def _check_disk(self, record: SandboxRecord) -> None:
         """disk_size_gb is enforced by measurement: a sandbox past it is stopped with a

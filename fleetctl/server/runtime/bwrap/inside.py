@@ -14,9 +14,10 @@ import contextlib
 import os
 import shlex
 import signal
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -78,17 +79,9 @@ class Entry:
         self, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
     ) -> ExecResult:
         """Run `command` in `cwd`; past `timeout` its process group is killed."""
-        # The environment arrives on stdin as `export` lines, evaluated inside after
-        # capabilities are dropped; then eval in the shell that changed directory
-        # (one exec fewer than `sh -c`).
-        full_env = sandbox_env(env)
-        # `read` is a shell builtin (no fork); a value with a newline needs `cat`
-        load = (
-            'eval "$(cat)"'
-            if any("\n" in v for v in full_env.values())
-            else 'while IFS= read -r l; do eval "$l"; done'
-        )
-        script = f'{load}; cd -- "$1" || exit 1; shift; eval "$1"'
+        # eval in the shell that loaded the environment and changed directory (one exec
+        # fewer than `sh -c`)
+        script = f'{LOAD_ENV}; cd -- "$1" || exit 1; shift; eval "$1"'
         async with self.enter(script, cwd, command) as process:
             out, err = bytearray(), bytearray()
             with anyio.move_on_after(timeout) as scope:
@@ -98,13 +91,32 @@ class Entry:
                     group.start_soon(_collect, process.stdout, out)
                     group.start_soon(_collect, process.stderr, err)
                     if process.stdin is not None:
-                        await process.stdin.send(_exports(full_env))
+                        await process.stdin.send(env_lines(sandbox_env(env)))
                         await process.stdin.aclose()
                 await process.wait()
             if scope.cancelled_caught:
                 kill_group(process.pid)
                 return ExecResult(-1, bytes(out), bytes(err), timed_out=True)
             return ExecResult(process.returncode or 0, bytes(out), bytes(err))
+
+    @asynccontextmanager
+    async def spawn(
+        self, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+    ) -> AsyncIterator[Started]:
+        """Start `argv` in `cwd` with its output on pipes (and its stdin, with `stdin`).
+
+        The shell inside loads the environment, says its pid on the first line of stdout,
+        changes directory and execs `argv`, so the pid is the command's own."""
+        script = f'{LOAD_ENV}; printf "%s\\n" "$$"; cd -- "$1" || exit 1; shift; exec "$@"'
+        async with self.enter(script, cwd, *argv) as process:
+            assert process.stdin is not None
+            assert process.stdout is not None
+            await process.stdin.send(env_lines(sandbox_env(env)))
+            if not stdin:
+                await process.stdin.aclose()
+            said = await _read_line(process.stdout)
+            pid = int(said) if said.strip().isdigit() else 0
+            yield Started(process, pid)
 
     async def put_file(self, path: str, chunks: AsyncIterable[bytes]) -> int:
         script = f'{WORKDIR} mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
@@ -157,6 +169,56 @@ class Entry:
         return FileSlice(content, offset=int(fields[1]), total=int(fields[0]))
 
 
+class Started:
+    """A process started by `Entry.spawn` (implements `runtime.base.Spawned`)."""
+
+    def __init__(self, process: Process, pid: int) -> None:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self._process = process
+        self.pid = pid
+        self.stdin = process.stdin
+        self.stdout: ByteReceiveStream = process.stdout
+        self.stderr: ByteReceiveStream = process.stderr
+
+    async def wait(self) -> int:
+        code = await self._process.wait()
+        return code if code >= 0 else 128 - code
+
+    def signal(self, number: int) -> None:
+        """nsenter forked the command into the sandbox's pid namespace: signal that child,
+        not nsenter."""
+        leader = self._process.pid
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            child = int(Path(f"/proc/{leader}/task/{leader}/children").read_text().split()[0])
+            os.kill(child, number)
+
+
+#: Reads `env_lines` from stdin, up to the end marker; what follows is the command's.
+LOAD_ENV = (
+    "while IFS= read -r __fleetctl_line; do "
+    '[ "$__fleetctl_line" = __env_end__ ] && break; eval "$__fleetctl_line"; done'
+)
+
+
+def env_lines(env: Mapping[str, str]) -> bytes:
+    """Shell lines exporting `env`, one a variable, then the end marker `LOAD_ENV` stops at.
+
+    Values are quoted so none is ever evaluated; one that holds a newline is written with
+    printf escapes, so every variable stays on one line (and stdin after the marker is
+    left to the command)."""
+    lines = []
+    for name, value in env.items():
+        if "\n" in value:
+            escaped = value.replace("\\", "\\\\").replace("\n", "\\n")
+            # the X keeps the command substitution from eating trailing newlines
+            lines.append(f'{name}="$(printf %bX {shlex.quote(escaped)})"; '
+                         f'export {name}="${{{name}%X}}"')  # fmt: skip
+        else:
+            lines.append(f"export {name}={shlex.quote(value)}")
+    return ("\n".join([*lines, "__env_end__"]) + "\n").encode()
+
+
 def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
     """The environment every process of a sandbox starts from, then `extra`."""
     return {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", **extra}
@@ -178,11 +240,6 @@ def in_cgroup(cgroup: Cgroup | None, argv: list[str]) -> list[str]:
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _exports(env: Mapping[str, str]) -> bytes:
-    """Shell `export` lines for an environment, quoted so no value is ever evaluated."""
-    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()).encode()
 
 
 async def _collect(stream: Any, into: bytearray) -> None:

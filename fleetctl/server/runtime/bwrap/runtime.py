@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from fleetctl.server.runtime.base import (
     Handle,
     LaunchSpec,
     RuntimeFailure,
+    Spawned,
     Usage,
 )
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
@@ -312,6 +313,13 @@ class BwrapRuntime:
         self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
     ) -> ExecResult:
         return await self._entry(handle).exec(env, command, cwd=cwd, timeout=timeout)
+
+    @asynccontextmanager
+    async def spawn(
+        self, handle: Handle, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+    ) -> AsyncIterator[Spawned]:
+        async with self._entry(handle).spawn(env, argv, cwd=cwd, stdin=stdin) as process:
+            yield process
 
     async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:
         return await self._entry(handle).put_file(path, chunks)
