@@ -326,3 +326,46 @@ class ExposedPortList(BaseModel):
 
 class Logs(BaseModel):
     logs: str
+
+
+class Checkpoint(BaseModel):
+    """A checkpoint as today's SDK reads it (snake_case only). States: PENDING, then
+    DURABLE (it can be restored) or FAILED (`error` says why)."""
+
+    id: str
+    sandbox_id: str
+    state: Literal["PENDING", "DURABLE", "FAILED"]
+    depth: int
+    docker_image: str
+    created_at: datetime
+    updated_at: datetime
+    parent_id: str | None = None
+    team_id: str | None = None
+    disk_size_bytes: int | None = None
+    stored_bytes: int | None = None
+    occupied_bytes: int = 0
+    error: str | None = None
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[Checkpoint]
+
+
+class CheckpointIds(_Request):
+    checkpoint_ids: list[str] = Field(min_length=1, max_length=contract.MAX_BATCH)
+
+
+class CheckpointError(BaseModel):
+    checkpoint_id: str
+    code: Literal["NOT_FOUND", "CONFLICT"]
+    message: str
+
+
+class CheckpointBatch(BaseModel):
+    checkpoints: list[Checkpoint]
+    errors: list[CheckpointError]
+
+
+class CheckpointsDeleted(BaseModel):
+    deleted: list[str]
+    errors: list[CheckpointError]

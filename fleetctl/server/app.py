@@ -25,11 +25,18 @@ from fleetctl.server.ratelimit import RateLimitMiddleware, parse_rate_limits
 from fleetctl.server.routes import control, gateway
 from fleetctl.server.routes.connect import ConnectGateway
 from fleetctl.server.routes.deps import Unauthorized
-from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService, Unsupported
+from fleetctl.server.service import (
+    Busy,
+    NotFound,
+    NotRunning,
+    Refused,
+    SandboxService,
+    Unsupported,
+)
 
 #: Service errors and the statuses they answer with.
 STATUSES: dict[type[Exception], int] = {Unauthorized: 401, NotFound: 404, NotRunning: 409,
-                                        Refused: 400, Unsupported: 501}  # fmt: skip
+                                        Busy: 409, Refused: 400, Unsupported: 501}  # fmt: skip
 
 
 def create_app(

@@ -50,6 +50,20 @@ CREATE TABLE IF NOT EXISTS exposures (
     listen_port INTEGER NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    parent_id TEXT,
+    depth INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    docker_image TEXT NOT NULL,
+    disk_size_gb REAL NOT NULL,
+    layer TEXT,
+    stored_bytes INTEGER,
+    error TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 """
 
 
@@ -92,6 +106,25 @@ class ExposureRecord:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """A checkpoint: a sandbox's writable layer and workspace, frozen. `layer` is the
+    runtime's (JSON); `parent_id` the checkpoint its sandbox was created from."""
+
+    id: str
+    sandbox_id: str
+    parent_id: str | None
+    depth: int
+    state: str  # PENDING, DURABLE or FAILED
+    docker_image: str
+    disk_size_gb: float
+    layer: dict[str, Any] | None
+    stored_bytes: int | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
 _DATES = ("created_at", "updated_at", "started_at", "terminated_at", "deleted_at")
 _JSON = ("request", "runtime")
 
@@ -101,6 +134,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
+        self.checkpoints = CheckpointStore(self)
         # 0600 before SQLite opens it: its -wal and -shm files take the same mode,
         # and environment variables are stored here
         path.touch(mode=0o600, exist_ok=True)
@@ -241,6 +275,73 @@ class Store:
     def remove_exposure(self, exposure_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM exposures WHERE id = ?", (exposure_id,))
+
+
+class CheckpointStore:
+    """Checkpoint records, in the same database as the sandboxes."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def add(self, record: CheckpointRecord) -> None:
+        values = _checkpoint_row(record)
+        columns, marks = ", ".join(values), ", ".join("?" * len(values))
+        with self._store._tx() as db:
+            db.execute(f"INSERT INTO checkpoints ({columns}) VALUES ({marks})",
+                       tuple(values.values()))  # fmt: skip
+
+    def update(self, checkpoint_id: str, **changes: Any) -> None:
+        found = self.get(checkpoint_id)
+        if found is None:
+            return
+        values = _checkpoint_row(replace(found, updated_at=utcnow(), **changes))
+        with self._store._tx() as db:
+            db.execute(f"UPDATE checkpoints SET {', '.join(f'{k} = ?' for k in values)} "
+                       "WHERE id = ?", (*values.values(), checkpoint_id))  # fmt: skip
+
+    def get(self, checkpoint_id: str) -> CheckpointRecord | None:
+        found = self._select("WHERE id = ?", checkpoint_id)
+        return found[0] if found else None
+
+    def of(self, sandbox_id: str) -> list[CheckpointRecord]:
+        """A sandbox's checkpoints, oldest first."""
+        return self._select("WHERE sandbox_id = ? ORDER BY created_at", sandbox_id)
+
+    def children(self, checkpoint_id: str) -> list[CheckpointRecord]:
+        return self._select("WHERE parent_id = ?", checkpoint_id)
+
+    def chain(self, checkpoint_id: str) -> list[CheckpointRecord]:
+        """The checkpoint and those it was made on top of, oldest first."""
+        found: list[CheckpointRecord] = []
+        current = self.get(checkpoint_id)
+        while current is not None:
+            found.insert(0, current)
+            current = self.get(current.parent_id) if current.parent_id else None
+        return found
+
+    def remove(self, checkpoint_id: str) -> None:
+        with self._store._tx() as db:
+            db.execute("DELETE FROM checkpoints WHERE id = ?", (checkpoint_id,))
+
+    def _select(self, where: str, *args: object) -> list[CheckpointRecord]:
+        with self._store._lock:
+            rows = self._store._db.execute(f"SELECT * FROM checkpoints {where}", args).fetchall()
+        records = []
+        for row in rows:
+            values: dict[str, Any] = dict(row)
+            values["layer"] = json.loads(values["layer"]) if values["layer"] else None
+            for name in ("created_at", "updated_at"):
+                values[name] = datetime.fromisoformat(values[name])
+            records.append(CheckpointRecord(**values))
+        return records
+
+
+def _checkpoint_row(record: CheckpointRecord) -> dict[str, Any]:
+    values = {name: getattr(record, name) for name in CheckpointRecord.__slots__}
+    values["layer"] = json.dumps(record.layer) if record.layer is not None else None
+    for name in ("created_at", "updated_at"):
+        values[name] = values[name].isoformat()
+    return values
 
 
 def _row(record: SandboxRecord) -> dict[str, Any]:

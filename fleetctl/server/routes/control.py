@@ -21,7 +21,7 @@ from fleetctl.server.asgi import CONTROL_PREFIX, DATA_PREFIX, bearer, key_id
 from fleetctl.server.faults import FaultMiddleware
 from fleetctl.server.routes.deps import Service, api_key
 from fleetctl.server.service import Unsupported
-from fleetctl.server.store import ExposureRecord, SandboxRecord
+from fleetctl.server.store import CheckpointRecord, ExposureRecord, SandboxRecord
 
 USER_NS = "local"
 
@@ -78,7 +78,7 @@ for _feature, _routes in UNSUPPORTED.items():
 
 @router.post("/sandbox", response_model=api.Sandbox, **camel)
 async def create(service: Service, body: api.CreateSandbox, request: Request) -> api.Sandbox:
-    return sandbox_view(await service.sandboxes.create(body), client_release(request))
+    return sandbox_view(await service.create(body), client_release(request))
 
 
 @router.get("/sandbox", response_model=api.SandboxList, **camel)
@@ -135,6 +135,71 @@ async def batch_job_status(
     service: Service, body: api.BatchJobStatus
 ) -> api.BatchJobStatusResponse:
     return await service.data.job_statuses(body.jobs)
+
+
+# -- checkpoints (before /sandbox/{sandbox_id}, which "checkpoints" would match) ----------
+
+
+@router.post("/sandbox/checkpoints:batchGet", response_model=api.CheckpointBatch)
+def batch_checkpoints(service: Service, body: api.CheckpointIds) -> api.CheckpointBatch:
+    found, errors = [], []
+    for checkpoint_id in dict.fromkeys(body.checkpoint_ids):
+        record = service.store.checkpoints.get(checkpoint_id)
+        if record is None:
+            message = f"checkpoint {checkpoint_id} not found"
+            errors.append(api.CheckpointError(checkpoint_id=checkpoint_id, code="NOT_FOUND",
+                                              message=message))  # fmt: skip
+        else:
+            found.append(checkpoint_view(record))
+    return api.CheckpointBatch(checkpoints=found, errors=errors)
+
+
+@router.get("/sandbox/checkpoints/{checkpoint_id}", response_model=api.Checkpoint)
+def get_checkpoint(service: Service, checkpoint_id: str) -> api.Checkpoint:
+    return checkpoint_view(service.checkpoints.get(checkpoint_id))
+
+
+@router.delete("/sandbox/checkpoints/{checkpoint_id}")
+def delete_checkpoint(service: Service, checkpoint_id: str) -> dict[str, Any]:
+    service.checkpoints.delete(checkpoint_id)
+    return {"success": True, "checkpoint_id": checkpoint_id}
+
+
+@router.post("/sandbox/{sandbox_id}/checkpoints", response_model=api.Checkpoint)
+async def take_checkpoint(service: Service, sandbox_id: str) -> api.Checkpoint:
+    return checkpoint_view(await service.checkpoints.take(sandbox_id))
+
+
+@router.get("/sandbox/{sandbox_id}/checkpoints", response_model=api.CheckpointList)
+def list_checkpoints(
+    service: Service, sandbox_id: str, checkpoint_id: str | None = None
+) -> api.CheckpointList:
+    found = service.checkpoints.of(sandbox_id)
+    wanted = [c for c in found if checkpoint_id in (None, c.id)]
+    return api.CheckpointList(checkpoints=[checkpoint_view(c) for c in wanted])
+
+
+@router.delete("/sandbox/{sandbox_id}/checkpoints", response_model=api.CheckpointsDeleted)
+def delete_checkpoints(service: Service, sandbox_id: str) -> api.CheckpointsDeleted:
+    deleted, errors = service.checkpoints.delete_of(sandbox_id)
+    return api.CheckpointsDeleted(deleted=deleted, errors=[
+        api.CheckpointError(checkpoint_id=cid, code=code, message=message)
+        for cid, code, message in errors
+    ])  # fmt: skip
+
+
+def checkpoint_view(record: CheckpointRecord) -> api.Checkpoint:
+    return api.Checkpoint(
+        id=record.id, sandbox_id=record.sandbox_id,
+        state=record.state,
+        depth=record.depth, docker_image=record.docker_image, created_at=record.created_at,
+        updated_at=record.updated_at, parent_id=record.parent_id,
+        stored_bytes=record.stored_bytes, occupied_bytes=record.stored_bytes or 0,
+        error=record.error,
+    )  # fmt: skip
+
+
+# -- one sandbox ------------------------------------------------------------------------------
 
 
 @router.get("/sandbox/{sandbox_id}", response_model=api.Sandbox, **camel)

@@ -22,6 +22,9 @@ from typing import Any, Protocol
 from anyio.abc import ByteReceiveStream, ByteSendStream
 
 Handle = Mapping[str, Any]
+#: What a runtime needs to stack a checkpoint under a new sandbox again (JSON, opaque to
+#: the service, kept in the checkpoint's record).
+Layer = Mapping[str, Any]
 
 
 class RuntimeFailure(Exception):
@@ -46,7 +49,9 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class LaunchSpec:
     """What to start. `env` holds environment variables and secrets; it is never stored.
-    `start_command` None keeps the sandbox idle. `rootfs` None: the host's root filesystem."""
+    `start_command` None keeps the sandbox idle. `rootfs` None: the host's root filesystem.
+    `layers`: checkpoints to start from, oldest first (their files under the sandbox's own
+    writable layer and workspace)."""
 
     id: str
     seq: int
@@ -55,6 +60,7 @@ class LaunchSpec:
     network: bool
     limits: Limits | None
     rootfs: Path | None
+    layers: tuple[Layer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,16 @@ class Runtime(Protocol):
     async def read_file(self, handle: Handle, path: str, offset: int, length: int) -> FileSlice:
         """`length` bytes from `offset` (negative: from the end). Raises FileMissing or
         FileRefused."""
+        ...
+
+    def checkpoint(self, sandbox_id: str, handle: Handle, checkpoint_id: str) -> tuple[Layer, int]:
+        """Freeze the sandbox's writable layer and workspace (the sandbox paused while it
+        is copied) as a layer that new sandboxes can start from; the layer and its size
+        in bytes (blocking)."""
+        ...
+
+    def drop_layer(self, layer: Layer) -> None:
+        """Remove a checkpoint's files (blocking)."""
         ...
 
     def connect(self, handle: Handle, port: int) -> socket.socket:

@@ -4,6 +4,7 @@
     monitor.py     timeouts, OOM, exits and disk, checked every pass
     dataplane.py   gateway tokens, exec, files, exposures
     processes.py   live processes: streamed output, stdin, signals, re-attach
+    checkpoints.py frozen writable layers to start new sandboxes from
     adoption.py    taking over from the previous server; leaving to the next one
     state.py       what they share: settings, store, runtime, in-memory environments
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 import anyio
 from anyio.abc import TaskGroup
 
+from fleetctl.server import api
 from fleetctl.server.runtime.base import Runtime
 from fleetctl.server.service.adoption import Adoption
+from fleetctl.server.service.checkpoints import Busy, Checkpoints
 from fleetctl.server.service.dataplane import DataPlane
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
@@ -30,9 +33,11 @@ from fleetctl.server.service.state import (
     Shared,
     Unsupported,
 )
-from fleetctl.server.store import Store
+from fleetctl.server.store import SandboxRecord, Store
 
-__all__ = ["NotFound", "NotRunning", "Refused", "SandboxService", "Settings", "Unsupported"]
+__all__ = [
+    "Busy", "NotFound", "NotRunning", "Refused", "SandboxService", "Settings", "Unsupported",
+]  # fmt: skip
 
 
 class SandboxService:
@@ -45,6 +50,7 @@ class SandboxService:
         self.monitor = Monitor(self.shared, self.sandboxes)
         self.data = DataPlane(self.shared, self.sandboxes, self.monitor)
         self.processes = Processes(self.shared, self.sandboxes, self.data.live)
+        self.checkpoints = Checkpoints(self.shared, self.sandboxes)
         self.adoption = Adoption(self.shared, self.sandboxes)
 
     @property
@@ -60,8 +66,14 @@ class SandboxService:
         await anyio.to_thread.run_sync(self.adoption.reclaim)
         self.sandboxes.run(group)
         self.processes.run(group)
+        self.checkpoints.run(group)
         await self.data.run(group)
         group.start_soon(self.monitor.run, monitor_interval)
+
+    async def create(self, request: api.CreateSandbox) -> SandboxRecord:
+        """A new sandbox, from the checkpoint the request names if it names one."""
+        restore = self.checkpoints.restore(request.checkpoint_id) if request.checkpoint_id else None
+        return await self.sandboxes.create(request, restore)
 
     async def shutdown(self) -> None:
         await self.adoption.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -18,7 +19,7 @@ from anyio.abc import TaskGroup
 from fleetctl import contract
 from fleetctl.contract import FINAL_STATUSES, ErrorType, SandboxStatus
 from fleetctl.server import api
-from fleetctl.server.runtime.base import Handle, LaunchSpec, Limits, RuntimeFailure
+from fleetctl.server.runtime.base import Handle, LaunchSpec, Layer, Limits, RuntimeFailure
 from fleetctl.server.service.state import (
     NotFound,
     NotRunning,
@@ -33,6 +34,15 @@ from fleetctl.server.store import SandboxRecord
 PIDS_LIMIT = 1024
 LOG_TAIL = 1024 * 1024
 _IMAGE_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """A checkpoint to create a sandbox from: its layers (oldest first), image and disk."""
+
+    layers: tuple[Layer, ...]
+    docker_image: str
+    disk_size_gb: float
 
 
 class Lifecycle:
@@ -54,9 +64,12 @@ class Lifecycle:
         """Call `hook(sandbox_id)` whenever a sandbox ends."""
         self._on_end.append(hook)
 
-    async def create(self, request: api.CreateSandbox) -> SandboxRecord:
+    async def create(
+        self, request: api.CreateSandbox, restore: Restore | None = None
+    ) -> SandboxRecord:
         """Record a new sandbox (or return the one with the same idempotency key) and
-        start provisioning it in the background."""
+        start provisioning it in the background (from `restore`, the checkpoint named by
+        the request, if any)."""
         if not self.runtime.can_limit:
             raise Refused(
                 "this host cannot enforce cpu, memory and process limits (see `fleetctl "
@@ -69,12 +82,13 @@ class Lifecycle:
                 "egress allow/deny lists are not enforced by the local sandbox server yet; "
                 "create the sandbox without them (network_access true or false)"
             )
-        if request.checkpoint_id is not None:
-            raise Unsupported("creating from a checkpoint is not offered yet")
         now = self.shared.clock()
         stored = request.model_dump(exclude={"secrets", "idempotency_key", "volumes"})
+        if restore is not None:
+            stored["docker_image"] = restore.docker_image
         if stored["disk_size_gb"] is None:
-            stored["disk_size_gb"] = float(contract.DEFAULT_DISK_SIZE_GB)
+            disk = restore.disk_size_gb if restore else contract.DEFAULT_DISK_SIZE_GB
+            stored["disk_size_gb"] = float(disk)
         stored["vm"] = bool(stored["vm"])
         record = SandboxRecord(
             id=secrets.token_hex(10),
@@ -93,10 +107,10 @@ class Lifecycle:
                 **(request.environment_vars or {}), **(request.secrets or {}),
             }  # fmt: skip
             assert self._group is not None, "service not started"
-            self._group.start_soon(self._provision, saved)
+            self._group.start_soon(self._provision, saved, restore.layers if restore else ())
         return saved
 
-    async def _provision(self, record: SandboxRecord) -> None:
+    async def _provision(self, record: SandboxRecord, layers: tuple[Layer, ...]) -> None:
         self.store.update(record.id, status=SandboxStatus.PROVISIONING)
         request = record.request
         image = request["docker_image"]
@@ -130,6 +144,7 @@ class Lifecycle:
                 pids=PIDS_LIMIT,
             ),
             rootfs=rootfs,
+            layers=layers,
         )
         self.runtime.append_log(record.id, f"[fleetctl] starting sandbox on the {source}\n")
         try:

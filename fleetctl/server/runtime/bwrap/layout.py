@@ -53,11 +53,20 @@ def install_bwrap(data_dir: Path, source: str) -> str:
     return str(target)
 
 
-def make_home(home: Path, rootfs: Path | None, uid: int) -> None:
+def layer_dir(home: Path, index: int) -> Path:
+    """Where the checkpoint layer `index` (0: the oldest) is mounted while bwrap starts."""
+    return home / f"l{index}"
+
+
+def make_home(home: Path, rootfs: Path | None, uid: int, layers: int = 0) -> None:
     """Make a sandbox's directories and overlay layers under `home`, owned as the module
-    docstring says."""
+    docstring says (and a mount point for each of `layers` checkpoint layers)."""
     home.mkdir(mode=0o700)
     owned = [home, home / "work", home / "workspace"]
+    if layers:
+        owned.append(home / "work" / "workspace")
+    for index in range(layers):
+        layer_dir(home, index).mkdir()
     for name in HOST_LOWERS:
         (home / "upper" / name).mkdir(parents=True)
         owned.append(home / "work" / name)
@@ -77,7 +86,11 @@ def make_home(home: Path, rootfs: Path | None, uid: int) -> None:
 
 
 def bwrap_args(spec: LaunchSpec, home: Path) -> list[str]:
-    """What bwrap mounts and unshares for the sandbox `spec` whose files are in `home`."""
+    """What bwrap mounts and unshares for the sandbox `spec` whose files are in `home`.
+
+    Checkpoint layers (mounted at `layer_dir`) go between the root filesystem and the
+    sandbox's own writable layer, and under its workspace, which is then an overlay too."""
+    layers = [layer_dir(home, i) for i in range(len(spec.layers))]
     # --disable-userns: no nested user namespace in which to regain capabilities
     args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--new-session", "--clearenv", "--hostname", spec.id[:63]]  # fmt: skip
@@ -85,14 +98,9 @@ def bwrap_args(spec: LaunchSpec, home: Path) -> list[str]:
         args.append("--share-net")
     lower_root = spec.rootfs or Path("/")
     for name in HOST_LOWERS:
-        args += [
-            "--overlay-src",
-            str(lower_root / name),
-            "--overlay",
-            str(home / "upper" / name),
-            str(home / "work" / name),
-            f"/{name}",
-        ]
+        for lower in (lower_root, *(layer / "upper" for layer in layers)):
+            args += ["--overlay-src", str(lower / name)]
+        args += ["--overlay", str(home / "upper" / name), str(home / "work" / name), f"/{name}"]
     for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
         if (lower_root / name).is_symlink():
             args += ["--symlink", os.readlink(lower_root / name), f"/{name}"]
@@ -109,13 +117,14 @@ def bwrap_args(spec: LaunchSpec, home: Path) -> list[str]:
         "/run",
         "--dir",
         "/var/tmp",
-        "--bind",
-        str(home / "workspace"),
-        "/workspace",
-        "--chdir",
-        "/workspace",
     ]
-    return args
+    for layer in layers:
+        args += ["--overlay-src", str(layer / "workspace")]
+    if layers:
+        args += ["--overlay", str(home / "workspace"), str(home / "work" / "workspace")]
+    else:
+        args += ["--bind", str(home / "workspace")]
+    return [*args, "/workspace", "--chdir", "/workspace"]
 
 
 def check_traversable(data_dir: Path) -> None:

@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,17 +35,20 @@ from fleetctl.server.runtime.base import (
     FileSlice,
     Handle,
     LaunchSpec,
+    Layer,
     RuntimeFailure,
     Spawned,
     Usage,
 )
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
 from fleetctl.server.runtime.bwrap.host import HostReport
+from fleetctl.server.runtime.bwrap.idmap import mount_idmapped, mounts_under, unmount
 from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, sandbox_env
 from fleetctl.server.runtime.bwrap.layout import (
     bwrap_args,
     check_traversable,
     install_bwrap,
+    layer_dir,
     make_home,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
@@ -104,6 +107,8 @@ class BwrapRuntime:
         # the service forgets them with the sandbox's record
         self.log_dir = data_dir / "logs"
         self.log_dir.mkdir(mode=0o700, exist_ok=True)
+        self.checkpoints = data_dir / "checkpoints"
+        self.checkpoints.mkdir(mode=0o700, exist_ok=True)
         self.bwrap = install_bwrap(data_dir, host.bwrap)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -128,7 +133,25 @@ class BwrapRuntime:
         """Start a sandbox and return once its main process runs (blocking)."""
         uid = UID_BASE + spec.seq % UID_SPAN
         home = self.sandbox_dir(spec.id)
-        make_home(home, spec.rootfs, uid)
+        make_home(home, spec.rootfs, uid, len(spec.layers))
+        with self._layers_mounted(spec, home, uid):
+            return self._start(spec, home, uid)
+
+    @contextlib.contextmanager
+    def _layers_mounted(self, spec: LaunchSpec, home: Path, uid: int) -> Iterator[None]:
+        """The checkpoint layers, shown as the sandbox's own files, while bwrap starts:
+        overlayfs keeps private clones of its lower layers, so the host's mounts go as
+        soon as bwrap is up (none outlives a crash)."""
+        try:
+            for index, layer in enumerate(spec.layers):
+                mount_idmapped(Path(layer["path"]), layer_dir(home, index),
+                               owner=int(layer["owner"]), as_uid=uid)  # fmt: skip
+            yield
+        finally:
+            for index in range(len(spec.layers)):
+                unmount(layer_dir(home, index))
+
+    def _start(self, spec: LaunchSpec, home: Path, uid: int) -> Handle:
         meta = self.meta / spec.id
         meta.mkdir(mode=0o700, exist_ok=True)
         cgroup = None
@@ -243,13 +266,34 @@ class BwrapRuntime:
 
     def disk_usage(self, sandbox_id: str) -> int:
         """Bytes the sandbox wrote: its upper layer and /workspace (blocks actually used)."""
-        total = 0
-        for top in ("upper", "workspace"):
-            for root, _, files in os.walk(self.sandbox_dir(sandbox_id) / top):
-                for name in files:
-                    with contextlib.suppress(OSError):
-                        total += os.lstat(os.path.join(root, name)).st_blocks * 512
-        return total
+        home = self.sandbox_dir(sandbox_id)
+        return _tree_bytes(home / "upper") + _tree_bytes(home / "workspace")
+
+    def checkpoint(self, sandbox_id: str, handle: Handle, checkpoint_id: str) -> tuple[Layer, int]:
+        found = SandboxHandle.from_json(handle)
+        home, into = self.sandbox_dir(sandbox_id), self.checkpoints / checkpoint_id
+        into.mkdir(parents=True)
+        (into / "upper").mkdir()
+        paused = found.cgroup.pids() if found.cgroup else set()
+        for pid in paused:  # a consistent copy: nothing writes while it is taken
+            _signal(pid, signal.SIGSTOP)
+        try:
+            for part in ("upper/usr", "upper/etc", "workspace"):
+                subprocess.run([self.host_tool("cp"), "-a", "--reflink=auto",
+                                str(home / part), str(into / part)],
+                               env=HOST_ENV, check=True, capture_output=True)  # fmt: skip
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(into, ignore_errors=True)
+            raise RuntimeFailure(f"cannot copy the sandbox: {exc.stderr.decode()[:400]}") from None
+        finally:
+            for pid in paused:
+                _signal(pid, signal.SIGCONT)
+        return {"path": str(into), "owner": found.uid}, _tree_bytes(into)
+
+    def drop_layer(self, layer: Layer) -> None:
+        path = Path(layer["path"])
+        if path.parent == self.checkpoints:  # never anything else
+            shutil.rmtree(path, ignore_errors=True)
 
     def _exit_code(self, sandbox_id: str) -> int | None:
         """The main process's exit code once it ended, from bwrap's status file."""
@@ -285,7 +329,12 @@ class BwrapRuntime:
         if child is not None:
             child.kill()
             child.wait()
-        shutil.rmtree(self.sandbox_dir(sandbox_id), ignore_errors=True)
+        home = self.sandbox_dir(sandbox_id)
+        for mounted in mounts_under(home):  # a start cut short by a crash left its layers
+            unmount(mounted)
+        if mounts_under(home):  # removing through a mount would delete a checkpoint's files
+            raise RuntimeFailure(f"cannot unmount what is mounted under {home}")
+        shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(self.meta / sandbox_id, ignore_errors=True)
 
     def logs(self, sandbox_id: str, limit: int) -> str:
@@ -301,8 +350,10 @@ class BwrapRuntime:
 
     def host_tool(self, name: str) -> str:
         """Absolute path of a host tool (never looked up through a caller's PATH)."""
-        path = {"nsenter": self.host.nsenter, "setpriv": self.host.setpriv}[name]
-        assert path is not None, "probe() guarantees both when can_run"
+        found = {"nsenter": self.host.nsenter, "setpriv": self.host.setpriv}.get(name)
+        path = found or shutil.which(name, path=HOST_ENV["PATH"])
+        if path is None:
+            raise RuntimeFailure(f"{name} is not installed on this host")
         return path
 
     def _entry(self, handle: Handle) -> Entry:
@@ -346,6 +397,21 @@ def _existing_cgroup(sandbox_id: str) -> Cgroup | None:
     return cgroup if any(p.exists() for p in cgroup.paths) else None
 
 
+def _tree_bytes(top: Path) -> int:
+    """Bytes the files under `top` take on disk (blocks actually used)."""
+    total = 0
+    for root, _, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def _signal(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, number)
+
+
 def _setenv_args(env: Mapping[str, str]) -> bytes:
     """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples."""
     return b"".join(
@@ -366,8 +432,7 @@ def _start_time(pid: int) -> int:
 
 
 def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    _signal(pid, signal.SIGKILL)
 
 
 def _until(step: Callable[[], bool], attempts: int = 200) -> None:
