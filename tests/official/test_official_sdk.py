@@ -297,3 +297,80 @@ async def test_async_client_creates_waits_executes_and_deletes(
         assert (result.stdout, result.stderr, result.exit_code) == ("a b\n", "", 0)
         await client.delete(created.id)
         assert (await client.get(created.id)).status == "TERMINATED"
+
+
+@pytest.mark.since("0.5.1")
+@pytest.mark.anyio
+async def test_open_process_streams_output_takes_stdin_and_answers_signals(
+    prime_home: Path, made: list[str]
+) -> None:
+    async with AsyncSandboxClient() as client:
+        created = await client.create(request(name="sdk-process", environment_vars={"A": "a"}))
+        made.append(created.id)
+        await client.wait_for_creation(created.id)
+        process = await client.open_process(
+            created.id, 'echo "ready $A $B"; read line; echo "got $line"; exec sleep 300',
+            working_dir="/tmp", env={"B": "b"},
+        )  # fmt: skip
+        assert process.pid > 0
+        seen = b""
+        await process.write_stdin(b"hello\n")
+        async for chunk in process.stdout:
+            seen += chunk
+            if b"got hello" in seen:
+                break
+        assert seen == b"ready a b\ngot hello\n"
+        await process.terminate()
+        assert await process.wait() == 128 + 15
+        assert process.returncode == 128 + 15
+        stubborn = await client.open_process(created.id, "trap '' TERM; exec sleep 300")
+        await stubborn.kill()
+        assert await stubborn.wait() == 128 + 9
+
+
+@pytest.mark.since("0.5.1")
+def test_checkpoint_restores_files_into_new_sandboxes_and_is_kept_while_used(
+    prime: Prime,
+) -> None:
+    source = prime.running(name="sdk-ckpt")
+    setup = (
+        "echo state > /workspace/s.txt; mkdir -p /usr/local/lib/k; echo kept > /usr/local/lib/k/f"
+    )
+    prime.client.execute_command(source.id, setup)
+    checkpoint = prime.client.checkpoint(source.id)
+    assert (checkpoint.sandbox_id, checkpoint.state) == (source.id, "PENDING")
+    durable = prime.client.wait_for_checkpoint(checkpoint.id)
+    assert durable.state == "DURABLE"
+    assert [c.id for c in prime.client.list_checkpoints(source.id)] == [checkpoint.id]
+    restored = prime.client.create(CreateSandboxRequest(name="sdk-restored",
+                                                        checkpoint_id=checkpoint.id))  # fmt: skip
+    prime.made.append(restored.id)
+    prime.client.wait_for_creation(restored.id)
+    result = prime.client.execute_command(
+        restored.id, "cat /workspace/s.txt /usr/local/lib/k/f; echo more >> /workspace/s.txt"
+    )
+    assert (result.stdout, result.exit_code) == ("state\nkept\n", 0)
+    unchanged = prime.client.execute_command(source.id, "cat /workspace/s.txt")
+    assert unchanged.stdout == "state\n"
+    with pytest.raises(APIError, match="409"):
+        prime.client.delete_checkpoint(checkpoint.id)  # restored by a live sandbox
+    prime.client.delete(restored.id)
+    prime.client.delete_checkpoint(checkpoint.id)
+    with pytest.raises(APIError, match="404"):
+        prime.client.get_checkpoint(checkpoint.id)
+
+
+@pytest.mark.since("0.5.1")
+def test_background_jobs_report_through_the_probe_and_the_batch_endpoint(prime: Prime) -> None:
+    sandbox = prime.running(name="sdk-jobs")
+    quick = prime.client.start_background_job(sandbox.id, "echo out; echo err >&2; exit 5")
+    slow = prime.client.start_background_job(sandbox.id, "sleep 300")
+
+    def finished() -> BackgroundJobStatus | None:
+        status = prime.client.get_background_job(sandbox.id, quick)
+        return status if status.completed else None
+
+    status = poll(finished)
+    assert (status.exit_code, status.stdout, status.stderr) == (5, "out\n", "err\n")
+    snapshots = prime.client.get_background_job_statuses([quick, slow])
+    assert [(s.completed, s.exit_code) for s in snapshots] == [(True, 5), (False, None)]
