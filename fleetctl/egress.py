@@ -43,42 +43,51 @@ def _check(entry: str, value: str) -> bool:
         pass
     else:
         if address.version == 6:
-            raise EgressError(f"{entry!r}: IPv6 is not supported")
+            raise EgressError(f"'{entry}': IPv6 is not supported")
         return True
-    if ":" in value and "://" not in value:
+    if ":" in value and "://" not in value and not _is_network(value):
         host, _, ports = value.rpartition(":")
         match = _PORTS.fullmatch(ports)
         low = int(match.group(1)) if match else 0
         high = int(match.group(2) or low) if match else 0
         if not match or not 1 <= low <= high <= 65535:
             raise EgressError(
-                f"{entry!r}: port must be a number from 1 to 65535 or a low-high range"
+                f"'{entry}': port must be a number from 1 to 65535 or a low-high range"
             )
-        is_ip = _check(entry, host)
+        is_ip = _check(host, host)  # as today's API words it: an error names the host
         if not is_ip and (low != high or low not in DOMAIN_PORTS):
-            raise EgressError(f"{entry!r}: domain entries support only ports 80 and 443; use an "
+            raise EgressError(f"'{entry}': domain entries support only ports 80 and 443; use an "
                               "IP or CIDR entry for other ports")  # fmt: skip
         return is_ip
     if "/" in value:
         try:
             network = ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise EgressError(f"{entry!r} is not a valid IPv4 CIDR") from None
+            raise EgressError(f"'{entry}' is not a valid IPv4 CIDR") from None
         if network.version == 6:
-            raise EgressError(f"{entry!r}: IPv6 is not supported")
+            raise EgressError(f"'{entry}': IPv6 is not supported")
         return True
     if "@" in value:
-        raise EgressError(f"{entry!r}: credentials are not supported")
+        raise EgressError(f"'{entry}': credentials are not supported")
     if "?" in value:
-        raise EgressError(f"{entry!r}: query strings are not supported")
+        raise EgressError(f"'{entry}': query strings are not supported")
     domain = value.removeprefix("*.").rstrip(".")
     if not domain:
-        raise EgressError(f"{entry!r}: domain is empty")
+        raise EgressError(f"'{entry}': domain is empty")
     if "*" in domain:
-        raise EgressError(f"{entry!r}: wildcard is only supported as the leftmost label")
+        raise EgressError(f"'{entry}': wildcard is only supported as the leftmost label")
     if "" in domain.split("."):
-        raise EgressError(f"{entry!r} contains an empty label")
+        raise EgressError(f"'{entry}' contains an empty label")
     return False
+
+
+def _is_network(value: str) -> bool:
+    """An IP network as a whole (e.g. an IPv6 CIDR, whose colons are not a port)."""
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def check_lists(allow: Sequence[str] | None, deny: Sequence[str] | None) -> None:

@@ -130,6 +130,14 @@ class BulkDelete(_Request):
         return self
 
 
+class CutStreams(_Request):
+    sandbox_id: str
+
+
+class StreamsCut(BaseModel):
+    cut: int = Field(description="How many calls in flight lost their connection.")
+
+
 class BatchStatus(_Request):
     sandbox_ids: list[str] = Field(min_length=1, max_length=contract.MAX_BATCH)
 

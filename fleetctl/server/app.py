@@ -46,9 +46,11 @@ def create_app(
     rate_limits: str = "",
     faults: str = "",
     monitor_interval: float = 0.2,
+    command_session: bool = True,
 ) -> FastAPI:
     """The app serving `service`; the control plane accepts any of `api_keys` as a bearer
-    token. Raises ValueError for a bad `rate_limits` or `faults` value."""
+    token; without `command_session`, the gateway has no Connect RPC (a 0.2 API's).
+    Raises ValueError for a bad `rate_limits` or `faults` value."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -82,8 +84,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     for router in (control.public, control.router, gateway.router):
         app.include_router(router)
-    # after the REST routes of the gateway, which it must not shadow
-    app.mount(f"{DATA_PREFIX}/{{user_ns}}/{{job_id}}", ConnectGateway(service))
+    app.state.command_session = ConnectGateway(service) if command_session else None
+    if app.state.command_session:  # after the gateway's REST routes, which it must not shadow
+        app.mount(f"{DATA_PREFIX}/{{user_ns}}/{{job_id}}", app.state.command_session)
     return app
 
 

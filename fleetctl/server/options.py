@@ -29,6 +29,8 @@ class ServerOptions:
     timeout_scale: float = 1.0
     #: Files holding further API keys the server accepts (the data dir's token is the first).
     api_key_files: tuple[Path, ...] = ()
+    #: Offer the gateway's Connect command session (off: exec over REST only, as 0.2 APIs).
+    command_session: bool = True
 
     @property
     def directory(self) -> Path:
@@ -46,6 +48,8 @@ class ServerOptions:
             args += ["--timeout-scale", str(self.timeout_scale)]
         for path in self.api_key_files:
             args += ["--api-key-file", str(path)]
+        if not self.command_session:
+            args += ["--no-command-session"]
         return args
 
 

@@ -42,7 +42,8 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
         )
         service = SandboxService(store, runtime, settings)
         try:
-            app = create_app(service, keys, rate_limits=options.rate_limit, faults=options.faults)
+            app = create_app(service, keys, rate_limits=options.rate_limit, faults=options.faults,
+                             command_session=options.command_session)  # fmt: skip
         except ValueError as exc:
             raise ServerError(str(exc)) from None
         sock = _bind(options.host, options.port)

@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ import httpx
 import pytest
 
 from fleetctl.cli import main
+from fleetctl.proto import command_session_pb2 as pb
+from fleetctl.sandboxes import APIClient, SandboxClient
 from tests.conftest import needs_sandboxes, traversable_dir
 
 pytestmark = needs_sandboxes
@@ -270,3 +274,40 @@ def wait_gone(pid: int) -> None:
         if not process_alive(pid):
             return
         assert time.monotonic() < deadline, f"process {pid} did not exit"
+
+
+def test_gateway_tokens_from_before_a_restart_are_refused_and_the_sdk_asks_again(
+    capsys: pytest.CaptureFixture[str], data_dir: Path
+) -> None:
+    """A restarted server (same port) has forgotten the tokens it gave: a stale one is
+    `unauthenticated` before any message, and the SDK, holding one, gets a new one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    assert run(capsys, "server", "start", "--port", port, "--data-dir", str(data_dir))[0] == 0
+    info = json.loads((data_dir / "server.json").read_text())
+    key = (data_dir / "token").read_text().strip()
+    api = httpx.Client(base_url=f"{info['url']}/api/v1", headers={"Authorization": f"Bearer {key}"})
+    sdk = SandboxClient(APIClient(key, info["url"]))
+    try:
+        sandbox_id = running_sandbox(api)
+        assert sdk.execute_command(sandbox_id, "echo before").stdout == "before\n"
+        stale = api.post(f"/sandbox/{sandbox_id}/auth").json()
+        assert run(capsys, "server", "restart", "--port", port, "--data-dir", str(data_dir))[0] == 0
+        start = pb.StartRequest(command=pb.CommandSpec(cmd="/bin/sh", args=["-c", "echo x"]))
+        body = start.SerializeToString()
+        answer = httpx.post(
+            f"{stale['gateway_url']}/{stale['user_ns']}/{stale['job_id']}/"
+            "command_session.CommandSession/Start",
+            content=struct.pack(">BI", 0, len(body)) + body,
+            headers={"Authorization": f"Bearer {stale['token']}",
+                     "content-type": "application/connect+proto"},
+        )  # fmt: skip
+        flags, size = struct.unpack(">BI", answer.content[:5])
+        assert flags == 2, "a message came before the refusal"
+        assert json.loads(answer.content[5 : 5 + size])["error"]["code"] == "unauthenticated"
+        assert sdk.execute_command(sandbox_id, "echo after").stdout == "after\n"
+    finally:
+        sdk.close()
+        api.close()
+        run(capsys, "server", "stop", "--data-dir", str(data_dir))

@@ -6,8 +6,9 @@ Served by the `connectrpc` package's ASGI application (google.protobuf codecs), 
 `ConnectGateway`, which checks the sandbox's gateway token and names the sandbox for the
 handlers. Errors are Connect codes: `unauthenticated` for a bad or stale token (before
 any message), `not_found` for a sandbox or process that is gone (also mid-stream),
-`deadline_exceeded` when `connect-timeout-ms` runs out (enforced here: the command is
-killed), `failed_precondition` for a session uuid reused for another command.
+`deadline_exceeded` when `connect-timeout-ms` runs out (enforced here; a command without
+a session uuid is then killed, a session's runs on), `failed_precondition` for a session
+uuid reused for another command, `resource_exhausted` past a sandbox's process limit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 
 import anyio
 from connectrpc.code import Code
-from connectrpc.compat import google_protobuf_codecs
+from connectrpc.codec import Codec
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.errors import ConnectError
 from connectrpc.method import IdempotencyLevel, MethodInfo
 from connectrpc.request import RequestContext
@@ -30,12 +32,23 @@ from starlette.types import Receive, Scope, Send
 from fleetctl.proto import command_session_pb2 as pb
 from fleetctl.server.api import check_env
 from fleetctl.server.asgi import bearer
+from fleetctl.server.faults import InjectedReset
+from fleetctl.server.routes import frames
 from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService
 from fleetctl.server.service.dataplane import DEFAULT_WORKDIR, ROOT_USERS
-from fleetctl.server.service.processes import Command, Conflict, Event, Gone, Kind, Reader
+from fleetctl.server.service.processes import (
+    STREAMS,
+    Command,
+    Conflict,
+    Crowded,
+    Event,
+    Gone,
+    Reader,
+)
 
 SERVICE = "command_session.CommandSession"
-STREAMS: tuple[Kind, ...] = ("stdout", "stderr")
+#: The methods whose request is one message (the others stream theirs, or are unary).
+SINGLE_MESSAGE = (f"/{SERVICE}/Start", f"/{SERVICE}/Connect")
 #: Largest request message (SendInput carries stdin).
 READ_MAX_BYTES = 8 * 1024 * 1024
 #: Without `connect-timeout-ms`, a stream may last this long.
@@ -48,25 +61,89 @@ _CALLER: ContextVar[tuple[str, bool]] = ContextVar("connect_caller")
 
 
 class ConnectGateway:
-    """Checks the gateway token of `job_id`, then hands the call to the Connect app."""
+    """Checks the gateway token of `job_id`, then hands the call to the Connect app.
+
+    `cut(sandbox_id)` drops the connections of the sandbox's calls in flight, as a flaky
+    network would (a test's fault injection: clients must re-attach)."""
 
     def __init__(self, service: SandboxService) -> None:
         self.service = service
         self.app = CommandSessionApp(
             service=service,
             endpoints=lambda svc: CommandSession(svc).endpoints(),  # type: ignore[arg-type,return-value]
-            codecs=google_protobuf_codecs(),
+            codecs=[
+                _Checked(google_protobuf_binary_codec()),
+                _Checked(google_protobuf_json_codec()),
+            ],
             read_max_bytes=READ_MAX_BYTES,
         )
+        self._calls: dict[str, dict[anyio.CancelScope, anyio.Event]] = {}
+        self._cut: set[anyio.CancelScope] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sandbox_id = str(scope.get("path_params", {}).get("job_id", ""))
         allowed = self.service.data.token_valid(sandbox_id, bearer(scope))
+        call, done = anyio.CancelScope(), anyio.Event()
+        if allowed and str(scope.get("path", "")).endswith(SINGLE_MESSAGE):
+            try:  # (a caller without a token is answered unauthenticated, unread)
+                body = await frames.read_single(receive, READ_MAX_BYTES)
+            except frames.Refusal as refusal:
+                await frames.refuse(scope, send, refusal)
+                return
+            # a client that goes away ends its call at once, not at the next message: its
+            # process stops (or, with a session, holds its output for the next reader)
+            receive = frames.replaying(body, receive, on_disconnect=call.cancel)
         token = _CALLER.set((sandbox_id, allowed))
+        calls = self._calls.setdefault(sandbox_id, {})
+        calls[call] = done
         try:
-            await self.app(scope, receive, send)
+            with call:
+                await self.app(scope, receive, send)
+        except ConnectError:  # what the app makes of its cancellation
+            if not call.cancel_called:
+                raise
         finally:
             _CALLER.reset(token)
+            del calls[call]
+            if not calls:
+                self._calls.pop(sandbox_id, None)
+            done.set()
+        if call in self._cut:
+            self._cut.discard(call)
+            raise InjectedReset(f"calls of sandbox {sandbox_id} cut on request")
+
+    async def cut(self, sandbox_id: str) -> int:
+        """Drop the connections of the sandbox's calls in flight; how many. Returns once
+        they are gone (their processes read by nobody)."""
+        calls = dict(self._calls.get(sandbox_id, {}))
+        for call in calls:
+            self._cut.add(call)
+            call.cancel()
+        for done in calls.values():
+            await done.wait()
+        return len(calls)
+
+
+class _Checked(Codec[Message, Any]):
+    """A google.protobuf codec whose undecodable input is the caller's error
+    (`invalid_argument`), not the server's."""
+
+    def __init__(self, codec: Codec[Message, Any]) -> None:
+        self._codec = codec
+
+    def name(self) -> str:
+        return self._codec.name()
+
+    def encode(self, message: Message) -> bytes:
+        return self._codec.encode(message)
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return self._codec.decode(data, message_class)
+        except Exception as exc:  # DecodeError, json_format.ParseError: untrusted input
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, f"a message that does not parse: {exc}"
+            ) from None
 
 
 class CommandSessionApp(ConnectASGIApplication[SandboxService]):
@@ -95,9 +172,9 @@ def _failing(exc: Exception) -> ConnectError:
     """A service error as the Connect code the SDK maps."""
     if isinstance(exc, NotFound | NotRunning | Gone):
         return ConnectError(Code.NOT_FOUND, str(exc))
-    if isinstance(exc, Conflict):
-        return ConnectError(Code.FAILED_PRECONDITION, str(exc))
-    return ConnectError(Code.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, Crowded):
+        return ConnectError(Code.RESOURCE_EXHAUSTED, str(exc))
+    return ConnectError(Code.FAILED_PRECONDITION, str(exc))  # Conflict, Refused
 
 
 def _event(event: Event) -> pb.CommandSessionEvent:

@@ -19,6 +19,7 @@ from fleetctl.contract import SandboxStatus
 from fleetctl.server import api
 from fleetctl.server.asgi import CONTROL_PREFIX, DATA_PREFIX, bearer, key_id
 from fleetctl.server.faults import FaultMiddleware
+from fleetctl.server.routes.connect import ConnectGateway
 from fleetctl.server.routes.deps import Service, api_key
 from fleetctl.server.service import Unsupported
 from fleetctl.server.store import CheckpointRecord, ExposureRecord, SandboxRecord
@@ -98,8 +99,9 @@ def list_sandboxes(
         offset=(page - 1) * per_page,
         limit=per_page,
     )
+    release = client_release(request)  # one row the client cannot read fails the whole list
     return api.SandboxList(
-        sandboxes=[sandbox_view(r) for r in records],
+        sandboxes=[sandbox_view(r, release) for r in records],
         total=total,
         page=page,
         per_page=per_page,
@@ -247,6 +249,8 @@ def auth(service: Service, sandbox_id: str, request: Request) -> api.GatewayAuth
         user_ns=USER_NS,
         job_id=sandbox_id,
         expires_at=expires.isoformat().replace("+00:00", "Z"),
+        # 0.2 releases read it to choose the command session (vm) or REST exec
+        is_vm=service.sandboxes.get(sandbox_id).request.get("vm") is True,
     )
 
 
@@ -280,6 +284,15 @@ def fault_stats(request: Request) -> dict[str, Any]:
             "caller": by_key.get(key_id(bearer(request.scope)), {})}  # fmt: skip
 
 
+@router.post("/_fleetctl/faults/cut-streams", response_model=api.StreamsCut)
+async def cut_streams(service: Service, body: api.CutStreams, request: Request) -> api.StreamsCut:
+    """Fault injection: drop the connections of the sandbox's command-session calls in
+    flight, as a flaky network would (their clients must re-attach)."""
+    service.sandboxes.get(body.sandbox_id)  # 404 for a sandbox it does not know
+    gateway: ConnectGateway | None = request.app.state.command_session
+    return api.StreamsCut(cut=await gateway.cut(body.sandbox_id) if gateway else 0)
+
+
 def _fault_middleware(current: Any) -> FaultMiddleware | None:
     while current is not None:
         if isinstance(current, FaultMiddleware):
@@ -307,7 +320,7 @@ def start_command_for(stored: object, release: tuple[int, ...] | None) -> object
     return stored
 
 
-def sandbox_view(record: SandboxRecord, release: tuple[int, ...] | None = None) -> api.Sandbox:
+def sandbox_view(record: SandboxRecord, release: tuple[int, ...] | None) -> api.Sandbox:
     request = record.request
     return api.Sandbox(
         id=record.id,

@@ -49,7 +49,7 @@ class SandboxService:
         self.sandboxes = Lifecycle(self.shared)
         self.monitor = Monitor(self.shared, self.sandboxes)
         self.data = DataPlane(self.shared, self.sandboxes, self.monitor)
-        self.processes = Processes(self.shared, self.sandboxes, self.data.live)
+        self.processes = Processes(self.shared, self.sandboxes, self.data)
         self.checkpoints = Checkpoints(self.shared, self.sandboxes)
         self.adoption = Adoption(self.shared, self.sandboxes)
 

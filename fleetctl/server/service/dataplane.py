@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -19,13 +19,13 @@ from typing import Literal
 import anyio
 from anyio.abc import ByteReceiveStream, TaskGroup
 
-from fleetctl.contract import SandboxStatus, job_files
+from fleetctl.contract import ErrorType, SandboxStatus, job_files
 from fleetctl.server import api
 from fleetctl.server.proxy import Forwarder
 from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, Handle
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
-from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared
+from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
 from fleetctl.server.store import ExposureRecord
 
 log = logging.getLogger("fleetctl.server")
@@ -71,6 +71,20 @@ class DataPlane:
         """The sandbox was just used (its idle timeout starts again)."""
         self.shared.used[sandbox_id] = self.shared.clock()
 
+    @contextlib.contextmanager
+    def in_use(self, sandbox_id: str) -> Iterator[None]:
+        """A command runs in the sandbox: not idle until it ended."""
+        busy = self.shared.busy
+        busy[sandbox_id] = busy.get(sandbox_id, 0) + 1
+        try:
+            yield
+        finally:
+            busy[sandbox_id] -= 1
+            if not busy[sandbox_id]:
+                del busy[sandbox_id]
+            if sandbox_id in self.shared.env:  # still alive (its state is forgotten at its end)
+                self.touch(sandbox_id)
+
     # -- gateway tokens -----------------------------------------------------------
 
     def issue_token(self, sandbox_id: str) -> tuple[str, datetime]:
@@ -106,21 +120,27 @@ class DataPlane:
                 "have only their root user"
             )
         env = {**self.shared.env.get(sandbox_id, {}), **request.env}
-        result = await self.shared.runtime.exec(
-            handle,
-            env,
-            request.command,
-            cwd=request.working_dir or DEFAULT_WORKDIR,
-            timeout=request.timeout,
-        )
-        # an OOM kill ends the sandbox; the caller sees it not running (a command that
-        # ended the main process ran, though: its result stands, the monitor ends it)
-        record = self.lifecycle.get(sandbox_id)
-        if record.status == SandboxStatus.RUNNING and await self.monitor.check(
-            record, handle, oom_only=True
-        ):
+        with self.in_use(sandbox_id):
+            result = await self.shared.runtime.exec(
+                handle,
+                env,
+                request.command,
+                cwd=request.working_dir or DEFAULT_WORKDIR,
+                timeout=request.timeout,
+            )
+        if await self.settle(sandbox_id):
             raise NotRunning(self.lifecycle.get(sandbox_id))
         return result
+
+    async def settle(self, sandbox_id: str) -> bool:
+        """After a command ended: an OOM kill ends the sandbox (True), and the command's
+        caller sees it not running (a command that ended the main process ran, though: its
+        result stands, and the monitor ends the sandbox)."""
+        record = self.lifecycle.get(sandbox_id)
+        handle = handle_of(record)
+        if record.status != SandboxStatus.RUNNING or handle is None:  # the monitor was first
+            return record.error_type == ErrorType.OOM_KILLED
+        return await self.monitor.check(record, handle, oom_only=True)
 
     async def job_statuses(self, jobs: Sequence[api.JobRef]) -> api.BatchJobStatusResponse:
         """Background jobs' states from their exit files, one read per sandbox."""

@@ -92,7 +92,8 @@ class Monitor:
             return f"the sandbox exceeded its timeout of {minutes} minutes"
         idle = record.request.get("idle_timeout_minutes")
         last_used = max(started, self.shared.used.get(record.id, started))
-        if idle and now >= last_used + timedelta(minutes=int(idle) * scale):
+        busy = record.id in self.shared.busy
+        if idle and not busy and now >= last_used + timedelta(minutes=int(idle) * scale):
             return f"the sandbox was idle for {idle} minutes (its idle_timeout_minutes)"
         return None
 

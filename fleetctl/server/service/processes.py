@@ -3,11 +3,13 @@ re-attach (what today's SDK's command session and `open_process` need).
 
 A process started with a `session_uuid` is detached from the request that started it:
 it runs in the service's task group, another stream can attach to it (`attach`: a start
-event, then only new output, then its end), and a repeated start with the same uuid
-attaches instead of starting it again. Without a uuid, a process belongs to its stream:
-it is killed when the stream goes away. Inputs and signals carry ids of their own, and a
-repeated id is done once. An ended process is remembered for `RETAIN` (its end event),
-and a sandbox that ends ends its processes' streams with `Gone`.
+event, then new output, then its end), and a repeated start with the same uuid attaches
+instead of starting it again. Output written while no stream reads it (the last one was
+dropped) is held, up to `HOLD` bytes per stream, for the next one to attach. Without a
+uuid, a process belongs to its stream: it is killed when the stream goes away. Inputs
+and signals carry ids of their own, and a repeated id is done once. An ended process is
+remembered for `RETAIN` (its end event), and a sandbox that ends ends its processes'
+streams with `Gone`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +26,8 @@ import anyio
 from anyio.abc import ByteReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from fleetctl.server.runtime.base import Handle, RuntimeFailure, Spawned
+from fleetctl.server.runtime.base import RuntimeFailure, Spawned
+from fleetctl.server.service.dataplane import DataPlane
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.state import NotFound, Refused, Shared
 
@@ -35,12 +38,15 @@ RETAIN = 60.0
 BUFFER = 64
 #: Output read at once from a process.
 CHUNK = 64 * 1024
+#: Output of a process kept per stream while no reader is attached (the latest).
+HOLD = 1024 * 1024
 #: Live processes one sandbox may have at once.
 MAX_PER_SANDBOX = 256
 #: Input and signal ids remembered per process, for de-duplication.
 MAX_SEEN = 10_000
 
 Kind = Literal["start", "stdout", "stderr", "end"]
+STREAMS: tuple[Kind, ...] = ("stdout", "stderr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,10 @@ class Gone(Exception):
 
 class Conflict(Exception):
     """A session id already names another command."""
+
+
+class Crowded(Refused):
+    """The sandbox already runs as many live processes as it may."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,8 @@ class Process:
     ended_at: float = 0.0
     gone: bool = False
     readers: list[MemoryObjectSendStream[Event]] = field(default_factory=list)
+    #: Output nobody read, by stream, for the next reader.
+    held: dict[Kind, bytes] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     stop: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
@@ -138,12 +150,10 @@ class Reader:
 class Processes:
     """The live processes of every sandbox."""
 
-    def __init__(
-        self, shared: Shared, lifecycle: Lifecycle, live: Callable[[str], Awaitable[Handle]]
-    ) -> None:
+    def __init__(self, shared: Shared, lifecycle: Lifecycle, data: DataPlane) -> None:
         self.shared = shared
         self.lifecycle = lifecycle
-        self._live = live  # the handle of a sandbox really alive (DataPlane.live)
+        self.data = data
         self._by_sandbox: dict[str, dict[str, Process]] = {}
         self._group: TaskGroup | None = None
         lifecycle.on_end(self._sandbox_ended)
@@ -167,7 +177,7 @@ class Processes:
         it); its events come through the reader. Raises NotFound/NotRunning, Conflict or
         Refused. Every process runs in the service's task group; one without a uuid is
         stopped when its reader closes."""
-        handle = await self._live(sandbox_id)
+        handle = await self.data.live(sandbox_id)
         processes = self._by_sandbox.setdefault(sandbox_id, {})
         self._forget_ended(processes)
         known = processes.get(session_uuid) if session_uuid else None
@@ -176,14 +186,18 @@ class Processes:
                 raise Conflict(f"session {session_uuid} runs another command")
             return self._subscribe(known, owner=False)
         if len(processes) >= MAX_PER_SANDBOX:
-            raise Refused(f"sandbox {sandbox_id} already runs {MAX_PER_SANDBOX} processes")
+            raise Crowded(f"sandbox {sandbox_id} already runs {MAX_PER_SANDBOX} processes")
         process = Process(sandbox_id, session_uuid or uuid.uuid4().hex, command, session_uuid)
         processes[process.key] = process
         env = {**self.shared.env.get(sandbox_id, {}), **command.env}  # the sandbox's, then its own
         spawn = self.shared.runtime.spawn(handle, env, command.argv, cwd=command.cwd, stdin=stdin)
         reader = self._subscribe(process, owner=session_uuid is None)  # before any output
         assert self._group is not None, "processes not started"
-        await self._group.start(self._run, process, spawn)
+        try:
+            await self._group.start(self._run, process, spawn)
+        except BaseException:  # cancelled while starting: its owner is gone, so is it
+            reader.close()
+            raise
         return reader
 
     def attach(self, sandbox_id: str, selector: str | int) -> Reader:
@@ -200,7 +214,7 @@ class Processes:
         """Run the process and fan its output out to its readers, until it ends. Never
         raises: a process that cannot start just ends (its readers see the end)."""
         code = -1
-        with process.stop:
+        with process.stop, self.data.in_use(process.sandbox_id):
             try:
                 async with spawn as spawned:
                     process.spawned = spawned
@@ -210,6 +224,8 @@ class Processes:
                         pumps.start_soon(self._pump, process, spawned.stdout, "stdout")
                         pumps.start_soon(self._pump, process, spawned.stderr, "stderr")
                     code = await spawned.wait()
+                # an OOM kill ends the sandbox: its streams then end with Gone, not the end
+                await self.data.settle(process.sandbox_id)
             except (OSError, RuntimeFailure, anyio.BrokenResourceError) as exc:
                 log.warning("process in sandbox %s failed: %s", process.sandbox_id, exc)
             finally:
@@ -231,6 +247,8 @@ class Processes:
                 await self._broadcast(process, Event(kind, data=await stream.receive(CHUNK)))
 
     async def _broadcast(self, process: Process, event: Event) -> None:
+        if not process.readers and event.kind in STREAMS:
+            process.held[event.kind] = (process.held.get(event.kind, b"") + event.data)[-HOLD:]
         for reader in list(process.readers):
             try:
                 await reader.send(event)
@@ -240,9 +258,13 @@ class Processes:
 
     def _subscribe(self, process: Process, *, owner: bool) -> Reader:
         send, receive = anyio.create_memory_object_stream[Event](BUFFER)
+        for kind, data in process.held.items():  # what came while nobody read
+            send.send_nowait(Event(kind, data=data))
+        process.held = {}
         if process.ended is None:
             process.readers.append(send)
         else:
+            send.send_nowait(process.ended)
             send.close()
         return Reader(process, send, receive, owner)
 
@@ -302,7 +324,3 @@ class Processes:
         horizon = time.monotonic() - RETAIN
         for key in [k for k, p in processes.items() if p.ended and p.ended_at < horizon]:
             del processes[key]
-
-
-def command(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Command:
-    return Command(tuple(argv), dict(env), cwd)

@@ -56,6 +56,8 @@ class Shared:
     env: dict[str, dict[str, str]] = field(default_factory=dict)
     #: When each sandbox was last used through the data plane (for idle timeouts).
     used: dict[str, datetime] = field(default_factory=dict)
+    #: Commands running in each sandbox: a sandbox running one is not idle.
+    busy: dict[str, int] = field(default_factory=dict)
 
     @property
     def clock(self) -> Clock:
