@@ -102,6 +102,14 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
                 show_default=False,
             ),
         ] = None,
+        command_session: Annotated[
+            bool,
+            typer.Option(
+                "--command-session/--no-command-session",
+                help="Offer the gateway's Connect command session (today's exec and live "
+                "processes). Off, exec is REST only, as on a 0.2 API: for testing clients.",
+            ),
+        ] = True,
     ) -> None:
         if ctx.invoked_subcommand is not None:
             return
@@ -114,7 +122,7 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         run(ServerOptions(host, port, data_dir, image_policy.value, rate_limit, faults,
-                          timeout_scale, tuple(api_key_file or ())))  # fmt: skip
+                          timeout_scale, tuple(api_key_file or ()), command_session))  # fmt: skip
 
     command.__doc__ = run.__doc__  # the help text (not update_wrapper: its __wrapped__
     return command  # would make typer read `run`'s signature instead)

@@ -5,7 +5,8 @@
     │   ├── UnauthorizedError         401, or no API key for a remote context
     │   ├── PaymentRequiredError      402
     │   ├── APITimeoutError           no response in time
-    │   └── SandboxFileNotFoundError  read of a file that does not exist
+    │   ├── SandboxFileNotFoundError  read of a file that does not exist
+    │   └── ConnectFailure            a command-session call failed (`code`: not_found...)
     └── RuntimeError
         ├── SandboxNotRunningError    the sandbox is not RUNNING (sandbox_id, status, error_type)
         │   ├── SandboxOOMError       errorType OOM_KILLED
@@ -30,6 +31,16 @@ class APIError(Exception):
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+
+
+class ConnectFailure(APIError):
+    """A command-session (Connect RPC) call failed: `code` as the protocol names it
+    (e.g. "not_found"), `message` as the server said it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"command session call failed ({code}): {message}")
+        self.code = code
+        self.message = message
 
 
 class UnauthorizedError(APIError):

@@ -216,6 +216,19 @@ def test_upload_then_download_round_trips_the_bytes(prime: Prime, tmp_path: Path
     assert size.stdout == f"{len(payload)}\n"
 
 
+def test_read_file_reads_the_whole_file_or_a_window_of_it(prime: Prime) -> None:
+    sandbox = prime.running(name="sdk-read")
+    prime.client.execute_command(sandbox.id, "printf 0123456789 > /workspace/digits")
+    whole = prime.client.read_file(sandbox.id, "/workspace/digits")
+    assert (whole.content, whole.size) == ("0123456789", 10)
+    window = prime.client.read_file(sandbox.id, "/workspace/digits", offset=2, length=3)
+    assert (window.content, window.offset, window.total_size, window.truncated) == (
+        "234", 2, 10, True,
+    )  # fmt: skip
+    tail = prime.client.read_file(sandbox.id, "/workspace/digits", offset=-4, length=10)
+    assert (tail.content, tail.offset) == ("6789", 6)
+
+
 def test_get_logs_returns_the_main_process_output(prime: Prime) -> None:
     marker = unique("hello-from-sdk")
     sandbox = prime.running(name="sdk-logs", start_command=f"echo {marker}; exec sleep 600")
@@ -329,6 +342,55 @@ async def test_open_process_streams_output_takes_stdin_and_answers_signals(
 
 
 @pytest.mark.since("0.5.1")
+@pytest.mark.anyio
+async def test_open_process_reattaches_after_its_stream_is_cut(
+    prime_home: Path, made: list[str], api: httpx.Client
+) -> None:
+    """The server drops the connection of the process's stream, as a flaky network would:
+    the client re-attaches by its session uuid and the process's output and end arrive."""
+    async with AsyncSandboxClient() as client:
+        created = await client.create(request(name="sdk-reattach"))
+        made.append(created.id)
+        await client.wait_for_creation(created.id)
+        process = await client.open_process(created.id, "echo ready; read x; echo got $x; exit 6")
+        seen = b""
+        async for chunk in process.stdout:
+            seen += chunk
+            if b"ready\n" in seen:
+                break
+        cut = api.post("/_fleetctl/faults/cut-streams", json={"sandbox_id": created.id})
+        assert cut.json() == {"cut": 1}
+        await process.write_stdin(b"x\n")
+        async for chunk in process.stdout:
+            seen += chunk
+        assert seen == b"ready\ngot x\n"
+        assert await process.wait() == 6
+
+
+@pytest.mark.since("0.5.1")
+def test_recorded_shapes_of_todays_api_are_this_releases() -> None:
+    """tests/sandboxes/prime-0.5.1.json, which fleetctl's own client is tested against,
+    holds what this release sends and takes: checked here with its own models."""
+    from prime_sandboxes import models  # noqa: PLC0415 - names of 0.5.1 only
+
+    shapes = json.loads((Path(__file__).parents[1] / "sandboxes" / "prime-0.5.1.json").read_text())
+    assert set(models.CreateSandboxRequest.model_fields) == set(shapes["create_fields"])
+    models.Sandbox.model_validate(shapes["sandbox"])
+    models.SandboxListResponse.model_validate(shapes["sandbox_list"])
+    models.BatchSandboxStatusResponse.model_validate(shapes["status_batch"])
+    models.BatchBackgroundJobStatusResponse.model_validate(shapes["job_batch"])
+    models.SandboxCheckpoint.model_validate(shapes["checkpoint"])
+    models.BatchCheckpointResponse.model_validate(
+        {"checkpoints": [shapes["checkpoint"]], "errors": shapes["checkpoint_batch_errors"]}
+    )
+    models.DeleteSandboxCheckpointsResponse.model_validate(shapes["checkpoints_deleted"])
+    models.ReadFileResponse.model_validate(shapes["read_file"])
+    models.FileUploadResponse.model_validate(shapes["upload"])
+    models.BulkDeleteSandboxResponse.model_validate(shapes["bulk_delete"])
+    assert set(shapes["auth"]) == {"gateway_url", "user_ns", "job_id", "token", "expires_at"}
+
+
+@pytest.mark.since("0.5.1")
 def test_checkpoint_restores_files_into_new_sandboxes_and_is_kept_while_used(
     prime: Prime,
 ) -> None:
@@ -374,3 +436,20 @@ def test_background_jobs_report_through_the_probe_and_the_batch_endpoint(prime: 
     assert (status.exit_code, status.stdout, status.stderr) == (5, "out\n", "err\n")
     snapshots = prime.client.get_background_job_statuses([quick, slow])
     assert [(s.completed, s.exit_code) for s in snapshots] == [(True, 5), (False, None)]
+
+
+@pytest.mark.since("0.5.1")
+def test_the_egress_entry_contract_matches_this_releases() -> None:
+    """fleetctl.egress (the server's and fleetctl's check) decides each recorded entry as
+    this release's own client-side check does, message for message."""
+    from prime_sandboxes.models import _validate_egress_entry  # noqa: PLC0415 - 0.5.1 only
+
+    shapes = json.loads((Path(__file__).parents[1] / "sandboxes" / "prime-0.5.1.json").read_text())
+    decided: dict[str, str | None] = {}
+    for entry in shapes["egress_entries"]:
+        try:
+            _validate_egress_entry(entry)
+            decided[entry] = None
+        except ValueError as exc:
+            decided[entry] = str(exc)
+    assert decided == shapes["egress_entries"]

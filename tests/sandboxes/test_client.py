@@ -13,19 +13,16 @@ malformed bodies).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import inspect
 import json
 import os
 import re
-import socket
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 import httpx
@@ -36,27 +33,46 @@ from fleetctl.sandboxes import (
     APIError,
     AsyncAPIClient,
     AsyncSandboxClient,
+    AsyncSandboxProcess,
     BackgroundJobStatus,
     CommandTimeoutError,
     CreateSandboxRequest,
     PaymentRequiredError,
     RetryPolicy,
-    Sandbox,
     SandboxClient,
     SandboxFileNotFoundError,
     SandboxImagePullError,
     SandboxNotRunningError,
     SandboxOOMError,
+    SandboxProcess,
     SandboxTimeoutError,
     UnauthorizedError,
 )
+from fleetctl.sandboxes._ops import Operations
+from fleetctl.sandboxes._process import Session
 from fleetctl.sandboxes.config import PRIME_DEFAULT_URL, Endpoint, resolve
 from fleetctl.server import daemon
-from tests.conftest import Server, acontrol, faults, needs_sandboxes, own_server, traversable_dir
+from tests.conftest import Server, acontrol, faults, needs_sandboxes, traversable_dir
+from tests.sandboxes.support import (
+    Connect,
+    Dialect,
+    Flavor,
+    New,
+    Sdk,
+    Tap,
+    Threaded,
+    ThreadedProcess,
+    closed_port,
+    create_all,
+    create_bodies,
+    eventually,
+    labelled,
+    sha256,
+    started,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-Flavor = Literal["sync", "async"]
 
 MB = 1024 * 1024
 NOWHERE = "http://sdk-test.invalid"
@@ -67,9 +83,6 @@ ECHO_SERVER = (
     "s.TCPServer(('127.0.0.1', 9000), H).serve_forever()\""
 )
 ALLOCATE_256_MB = "python3 -c 'b = b\"x\" * (256 * 1024 * 1024)'"
-FAULTS = "error=0.3,reset=0.2,seed=11,scope=control"
-#: A third of control-plane responses are lost after the server did the work.
-LOST = "after=0.35,seed=3,scope=control"
 #: Half of the faulty server's requests fail; six attempts would give up on ~1.6% of calls.
 PATIENT = RetryPolicy(attempts=12, wait_initial=0.01, wait_max=0.2)
 FAST = RetryPolicy(attempts=2, wait_initial=0.01, wait_max=0.01)
@@ -88,275 +101,36 @@ SANDBOX_JSON = {
 }
 
 
-# -- driving both clients from one test body -------------------------------------------
-
-
-def _threaded(method: Callable[P, T]) -> Callable[P, Awaitable[T]]:
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        return await anyio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
-
-    return call
-
-
-class Threaded:
-    """A SandboxClient behind awaitables: each call runs the sync client on a worker thread.
-
-    Only the await is added; every call goes through the sync client's own code path
-    (its httpx.Client, its time.sleep backoff). `test_sync_and_async_clients_*` keeps
-    this list complete.
-    """
-
-    def __init__(self, client: SandboxClient) -> None:
-        self.client = client
-        self.api = client.api
-        self.clear_auth_cache = client.clear_auth_cache
-        self.create = _threaded(client.create)
-        self.get = _threaded(client.get)
-        self.list = _threaded(client.list)
-        self.delete = _threaded(client.delete)
-        self.bulk_delete = _threaded(client.bulk_delete)
-        self.get_logs = _threaded(client.get_logs)
-        self.wait_for_creation = _threaded(client.wait_for_creation)
-        self.bulk_wait_for_creation = _threaded(client.bulk_wait_for_creation)
-        self.execute_command = _threaded(client.execute_command)
-        self.start_background_job = _threaded(client.start_background_job)
-        self.get_background_job = _threaded(client.get_background_job)
-        self.upload_file = _threaded(client.upload_file)
-        self.download_file = _threaded(client.download_file)
-        self.read_file = _threaded(client.read_file)
-        self.expose = _threaded(client.expose)
-        self.unexpose = _threaded(client.unexpose)
-        self.list_exposed_ports = _threaded(client.list_exposed_ports)
-
-    async def aclose(self) -> None:
-        self.client.close()
-
-
-Sdk = Threaded | AsyncSandboxClient
-
-
-class Tap(httpx.BaseTransport, httpx.AsyncBaseTransport):
-    """A real transport that records every request and may answer some itself."""
-
-    def __init__(self, answer: Callable[[httpx.Request], httpx.Response | None] | None = None):
-        self.requests: list[httpx.Request] = []
-        self._answer = answer or (lambda request: None)
-        self._sync = httpx.HTTPTransport()
-        self._async = httpx.AsyncHTTPTransport()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self._answer(request) or self._sync.handle_request(request)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self._answer(request) or await self._async.handle_async_request(request)
-
-    def close(self) -> None:
-        self._sync.close()
-
-    async def aclose(self) -> None:
-        await self._async.aclose()
-
-    def count(self, suffix: str) -> int:
-        return sum(request.url.path.endswith(suffix) for request in self.requests)
-
-
-class Connect(Protocol):
-    def __call__(
-        self,
-        flavor: Flavor,
-        target: Server | None = None,
-        *,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> Sdk: ...
-
-
-New = Callable[..., CreateSandboxRequest]
-
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30) -> T:
-    """Await `check` until it returns something other than None; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while (result := await check()) is None:
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        await anyio.sleep(0.05)
-    return result
-
-
-async def labelled(server: Server, label: str) -> list[str]:
-    """Ids of the live sandboxes carrying `label`, as the server itself reports them."""
-    response = await acontrol(server, "GET", "/sandbox", params={"labels": label, "per_page": 500})
-    assert response.status_code == 200, response.text
-    return sorted(item["id"] for item in response.json()["sandboxes"])
-
-
-async def started(sdk: Sdk, request: CreateSandboxRequest) -> Sandbox:
-    sandbox = await sdk.create(request)
-    await sdk.wait_for_creation(sandbox.id)
-    return sandbox
-
-
-async def create_all(
-    sdk: Sdk, requests: Sequence[CreateSandboxRequest], *, parallel: bool
-) -> tuple[list[Sandbox], list[APIError]]:
-    """Create every request (all at once, or one after another); return successes and errors."""
-    created: list[Sandbox] = []
-    failed: list[APIError] = []
-    limiter = anyio.CapacityLimiter(len(requests) if parallel else 1)
-
-    async def one(request: CreateSandboxRequest) -> None:
-        async with limiter:
-            try:
-                created.append(await sdk.create(request))
-            except APIError as exc:
-                failed.append(exc)
-
-    async with anyio.create_task_group() as group:
-        for request in requests:
-            group.start_soon(one, request)
-    return created, failed
-
-
-def create_bodies(tap: Tap) -> list[dict[str, Any]]:
-    return [
-        json.loads(request.content)
-        for request in tap.requests
-        if request.method == "POST" and request.url.path == "/api/v1/sandbox"
-    ]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-# -- fixtures --------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sync", "async"])
-def flavor(request: pytest.FixtureRequest) -> Flavor:
-    return cast(Flavor, request.param)
-
-
-@pytest.fixture
-def label() -> str:
-    return f"t-sdk-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def new(label: str) -> New:
-    """A small sandbox request carrying the test's label (plus `extra` labels)."""
-
-    def make(*extra: str, **fields: Any) -> CreateSandboxRequest:
-        defaults = {"name": "sdk-test", "docker_image": "python:3.11-slim", "memory_gb": 0.25}
-        return CreateSandboxRequest(**{**defaults, **fields, "labels": [label, *extra]})
-
-    return make
-
-
-@pytest.fixture
-async def connect(server: Server, label: str) -> AsyncIterator[Connect]:
-    """Open SDK clients (closed after the test); the test's sandboxes are deleted after it."""
-    opened: list[Sdk] = []
-    used: dict[str, Server] = {}
-
-    def open_client(
-        flavor: Flavor,
-        target: Server | None = None,
-        *,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> Sdk:
-        target = target or server
-        if base_url is None:
-            used[target.url] = target
-        key, url = api_key or target.token, base_url or target.url
-        sdk: Sdk
-        if flavor == "sync":
-            sdk = Threaded(SandboxClient(APIClient(key, url, transport=transport, retry=retry)))
-        else:
-            sdk = AsyncSandboxClient(AsyncAPIClient(key, url, transport=transport, retry=retry))
-        opened.append(sdk)
-        return sdk
-
-    yield open_client
-    for sdk in opened:
-        await sdk.aclose()
-    for target in used.values():
-        response = await acontrol(target, "DELETE", "/sandbox", json={"labels": [label]})
-        assert response.status_code == 200, response.text
-
-
-@pytest.fixture
-def sdk(connect: Connect, flavor: Flavor) -> Sdk:
-    """An SDK client of this test's flavor on the session's server."""
-    return connect(flavor)
-
-
-@pytest.fixture(scope="module")
-def faulty() -> Iterator[Server]:
-    """Half the control-plane requests fail: 30% answer 500/502/503, 20% drop mid-response."""
-    with own_server("--faults", FAULTS) as (info, _):
-        yield info
-
-
-@pytest.fixture(scope="module")
-def lossy() -> Iterator[Server]:
-    with own_server("--faults", LOST) as (info, _):
-        yield info
-
-
-@pytest.fixture(scope="module")
-def throttled() -> Iterator[Server]:
-    with own_server("--rate-limit", "create=5/s") as (info, _):
-        yield info
-
-
-@pytest.fixture(scope="module")
-def fast_clock() -> Iterator[Server]:
-    """Lifetimes run 100x fast: timeout_minutes=1 ends a sandbox after 0.6 s."""
-    with own_server("--timeout-scale", "0.01") as (info, _):
-        yield info
-
-
-@pytest.fixture(scope="module")
-def strict_images() -> Iterator[Server]:
-    """No image has a local rootfs here, so every sandbox fails with IMAGE_PULL_FAILED."""
-    with own_server("--image-policy", "strict") as (info, _):
-        yield info
-
-
 # -- every method, both clients --------------------------------------------------------
 
 
-def test_sync_and_async_clients_offer_the_same_methods_with_the_same_signatures() -> None:
-    def surface(cls: type) -> dict[str, inspect.Signature]:
-        return {
-            name: inspect.signature(getattr(cls, name))
-            for name in dir(cls)
-            if not name.startswith("_") and name not in ("close", "aclose", "api")
-        }
+def _surface(cls: type, *skip: str) -> dict[str, inspect.Signature]:
+    """Public methods and their signatures, return types aside (each flavor has its own)."""
+    return {
+        name: inspect.signature(getattr(cls, name)).replace(return_annotation="")
+        for name in dir(cls)
+        if not name.startswith("_") and name not in skip and callable(getattr(cls, name))
+    }
 
-    methods = surface(SandboxClient)
-    assert methods == surface(AsyncSandboxClient)
+
+def test_sync_and_async_clients_offer_the_same_methods_with_the_same_signatures() -> None:
+    methods = _surface(SandboxClient, "close", "aclose")
+    assert methods == _surface(AsyncSandboxClient, "close", "aclose")
+    process = _surface(SandboxProcess, "close", "aclose", "started")
+    assert process == _surface(AsyncSandboxProcess, "close", "aclose", "started")
     with SandboxClient(APIClient("k", NOWHERE)) as client:
-        wrapped = set(vars(Threaded(client))) - {"client", "api"}
-    assert set(methods) == wrapped, "Threaded must wrap every method, or some go untested"
+        wrapped = {name for name in dir(Threaded(client)) if not name.startswith("_")}
+        handle = SandboxProcess(client.api, Operations(), Session("sbx", "uuid", None))
+        wrapped_process = {name for name in dir(ThreadedProcess(handle)) if name[0] != "_"}
+    assert set(methods) == wrapped - {"client", "api", "aclose"}, "Threaded must wrap every method"
+    assert set(process) | {
+        "pid",
+        "returncode",
+        "session_uuid",
+        "sandbox_id",
+        "stdout",
+        "stderr",
+    } == (wrapped_process - {"process", "aclose"}), "ThreadedProcess must wrap every method"
 
 
 @pytest.mark.anyio
@@ -608,9 +382,9 @@ async def test_gateway_tokens_are_cached_until_clear_auth_cache(
 
 @pytest.mark.anyio
 async def test_a_refused_gateway_token_is_replaced_once_then_unauthorized(
-    connect: Connect, flavor: Flavor, new: New
+    connect: Connect, flavor: Flavor, new: New, target: Server, dialect: Dialect
 ) -> None:
-    refusals = {"left": 1}
+    refusals = {"left": 0}
 
     def refuse(request: httpx.Request) -> httpx.Response | None:
         if request.url.path.startswith("/gw/") and refusals["left"] > 0:
@@ -619,16 +393,19 @@ async def test_a_refused_gateway_token_is_replaced_once_then_unauthorized(
         return None
 
     tap = Tap(refuse)
-    sdk = connect(flavor, transport=tap)
+    sdk = connect(flavor, target, transport=tap)
     sandbox = await started(sdk, new())
-    auth = f"/sandbox/{sandbox.id}/auth"
+    await sdk.execute_command(sandbox.id, "true")  # the client learns the gateway's dialect
+    auth, calls = f"/sandbox/{sandbox.id}/auth", "/exec" if dialect == "rest" else "/Start"
+    tap.requests.clear()
+    refusals["left"] = 1
     assert (await sdk.execute_command(sandbox.id, "echo ok")).stdout == "ok\n"
-    assert (tap.count(auth), tap.count("/exec")) == (2, 2)
+    assert (tap.count(auth), tap.count(calls), len(tap.requests)) == (1, 2, 3)
     refusals["left"] = 2
     sdk.clear_auth_cache()
     with pytest.raises(UnauthorizedError):
         await sdk.execute_command(sandbox.id, "true")
-    assert (tap.count(auth), tap.count("/exec")) == (4, 4), "retried more than once"
+    assert (tap.count(auth), tap.count(calls)) == (3, 4), "retried more than once"
 
 
 def test_sync_client_as_context_manager_closes_its_connections(server: Server) -> None:
@@ -741,13 +518,13 @@ async def test_wait_for_creation_raises_not_running_once_the_main_process_exited
 
 @pytest.mark.anyio
 async def test_data_plane_calls_on_a_deleted_sandbox_raise_not_running(
-    sdk: Sdk, new: New, server: Server, tmp_path: Path
+    sdk: Sdk, new: New, target: Server, tmp_path: Path
 ) -> None:
     through_sdk, behind_its_back = [await started(sdk, new()) for _ in range(2)]
     for sandbox in (through_sdk, behind_its_back):  # caches a gateway token for each
         await sdk.execute_command(sandbox.id, "echo kept > kept.txt")
     await sdk.delete(through_sdk.id)
-    await acontrol(server, "DELETE", f"/sandbox/{behind_its_back.id}")
+    await acontrol(target, "DELETE", f"/sandbox/{behind_its_back.id}")
     source = tmp_path / "up.txt"
     source.write_text("x")
     sandbox_id = behind_its_back.id
@@ -921,6 +698,8 @@ async def test_a_garbled_json_answer_is_retried_for_keyed_creates_but_not_for_ex
             return httpx.Response(200, json={"token": "t", "gateway_url": NOWHERE,
                                              "user_ns": "ns", "job_id": "sbx-mock",
                                              "expires_at": "2999-01-01T00:00:00Z"})  # fmt: skip
+        if "CommandSession" in request.url.path:  # a 0.2 API: exec is REST only
+            return httpx.Response(404, json={"detail": "Not Found"})
         bodies.append(json.loads(request.content))
         return garbage if len(bodies) in (1, 3) else httpx.Response(200, json=SANDBOX_JSON)
 
