@@ -20,6 +20,9 @@ Emit = Callable[[Event], None]
 
 
 class Kind(StrEnum):
+    PREPARING = "preparing"  # id, command: a group's setup runs (key: "<group> (prepare)")
+    PREPARED = "prepared"  # checkpoint, reused
+    RELEASED = "released"  # a setup checkpoint no sandbox uses was deleted (key: its id)
     CREATED = "created"  # id
     READY = "ready"  # id
     DELETED = "deleted"  # id, reason

@@ -1,16 +1,17 @@
 """The executor: carry out a Plan with anyio, concurrently, one failure not stopping the rest.
 
-Order per run: delete what is dead or pruned, create (bounded by
-`parallelism`), wait for readiness in one batch-status poller that holds no
-create slot, then per ready sandbox expose ports, upload files and start jobs,
-and delete the sandbox it replaces; with `wait_jobs`, wait for jobs and download
-their artifacts. Every create carries an idempotency key derived from fleet,
-key, digest and the sandbox it replaces. The executor decides nothing: the plan
-says what to do.
+Order per run: delete what is dead or pruned, run each group's `prepare:` setup once
+(or find its checkpoint), create (bounded by `parallelism`), wait for readiness in one
+batch-status poller that holds no create slot, then per ready sandbox expose ports,
+upload files and start jobs, and delete the sandbox it replaces; with `wait_jobs`, wait
+for jobs and download their artifacts; last, delete setup checkpoints nothing uses any
+more. Every create carries an idempotency key derived from fleet, key, digest and the
+sandbox it replaces. The executor decides nothing: the plan says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import anyio
 
 from fleetctl.apply.events import Emit, Kind, event
+from fleetctl.apply.setup import checkpoint_for, release, setup_labels
 from fleetctl.plan.identity import FILES_MARKER, idempotency_key, job_id, labels
 from fleetctl.plan.model import Action, Change, InPlace, Plan
 from fleetctl.plan.prepare import Prepared
@@ -66,6 +68,9 @@ class _Work:
     label: str
     digest: str
     secrets: Mapping[str, str]
+    #: The digest of the group's `prepare:` setup, if it has one; then its checkpoint.
+    setup: str | None = None
+    checkpoint: str | None = None
     sandbox_id: str | None = None
     in_place: InPlace = field(default_factory=InPlace)
     jobs: list[tuple[str, BackgroundJob]] = field(default_factory=list)
@@ -109,6 +114,7 @@ class _Run:
                     last = item.change.action is Action.delete
                     group.start_soon(functools.partial(self.steps, item, self.remove, last=last))
         creating = [w for w in work if w.change.action in CREATING]
+        await self.prepare([w for w in creating if w.setup is not None])
         async with anyio.create_task_group() as group:
             for item in creating:
                 group.start_soon(functools.partial(self.steps, item, self.create, last=False))
@@ -131,8 +137,38 @@ class _Run:
                     if item.jobs and item.label not in self.result.failed:
                         group.start_soon(_finish_jobs, self.client, item, self.options,
                                          self.emit, self.fail)  # fmt: skip
+        removed = [w.change.before.labels for w in work
+                   if w.change.before and w.change.action is not Action.update]  # fmt: skip
+        kept = {w.checkpoint for w in creating if w.checkpoint}
+        with contextlib.suppress(*SDK_ERRORS):  # the API failing now leaves a checkpoint
+            await release(self.client, removed, kept, self.emit)
         for label in self.result.failed:
             self.result.done.pop(label, None)
+
+    async def prepare(self, items: list[_Work]) -> None:
+        """Each setup once (concurrently); a failed one fails every sandbox of its group."""
+        by_setup: dict[str, list[_Work]] = {}
+        for item in items:
+            by_setup.setdefault(item.setup or "", []).append(item)
+
+        async def one(setup: str, group: list[_Work]) -> None:
+            first = group[0]
+            assert first.change.after is not None
+            try:
+                desired, secrets = first.change.after, dict(first.secrets)
+                async with self.limiter:
+                    checkpoint = await checkpoint_for(self.client, desired, secrets, setup,
+                                                      self.emit)  # fmt: skip
+            except (*SDK_ERRORS, TimeoutError) as exc:
+                for item in group:
+                    self.fail(item, exc)
+                return
+            for item in group:
+                item.checkpoint = checkpoint
+
+        async with anyio.create_task_group() as tasks:
+            for setup, group in by_setup.items():
+                tasks.start_soon(one, setup, group)
 
     def fail(self, item: _Work, error: BaseException) -> None:
         self.result.failed[item.label] = str(error)
@@ -174,7 +210,7 @@ def _work(change: Change, prepared: Prepared) -> _Work:
     owner = change.after.fleet if change.after else change.before.fleet if change.before else ""
     ident = (owner, change.key)
     item = _Work(change, f"{owner}/{change.key}", prepared.digests.get(ident, ""),
-                 prepared.secrets.get(ident, {}))  # fmt: skip
+                 prepared.secrets.get(ident, {}), prepared.setups.get(ident))  # fmt: skip
     if change.action is Action.update:
         assert change.before is not None
         item.sandbox_id, item.in_place = change.before.id, change.in_place
@@ -189,17 +225,21 @@ def _request(item: _Work) -> CreateSandboxRequest:
     assert desired is not None
     before = item.change.before.id if item.change.before else None
     optional = {"start_command": desired.start_command} if desired.start_command else {}
+    checkpoint = item.checkpoint or desired.from_checkpoint
+    own = setup_labels(item.setup, item.checkpoint) if item.setup and item.checkpoint else []
     return CreateSandboxRequest(
         name=f"{desired.fleet}-{desired.key}",
-        docker_image=desired.image,
+        docker_image=None if checkpoint else desired.image,
+        checkpoint_id=checkpoint,
         cpu_cores=desired.cpu_cores,
         memory_gb=desired.memory_gb,
         disk_size_gb=desired.disk_size_gb,
         network_access=desired.network_access,
         timeout_minutes=desired.timeout_minutes,
+        idle_timeout_minutes=desired.idle_timeout_minutes,
         environment_vars=dict(desired.env),
         secrets=dict(item.secrets) or None,
-        labels=labels(desired, item.digest),
+        labels=[*labels(desired, item.digest), *own],
         idempotency_key=idempotency_key(desired.fleet, desired.key, item.digest, before),
         **optional,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ import anyio
 import typer
 
 from fleetctl.apply.executor import Options, Result, execute
+from fleetctl.apply.setup import release
 from fleetctl.cli import output
 from fleetctl.cli.app import app
 from fleetctl.cli.exits import ChangesPresent, Interrupted, PartialFailure
@@ -210,24 +212,28 @@ def destroy(
     fleets = load_fleets(specs or [], var, var_file) if specs else []
     wanted = list(label or [])
 
-    async def targets(client: AsyncSandboxClient) -> list[tuple[str, str]]:
+    async def targets(client: AsyncSandboxClient) -> list[tuple[str, str, Sequence[str]]]:
         if fleets:
             found = await owned(client, [f.name for f in fleets])
-            return [(s.id, f"{s.fleet}/{s.key}") for s in found
+            return [(s.id, f"{s.fleet}/{s.key}", s.labels) for s in found
                     if all(x in s.labels for x in wanted)]  # fmt: skip
-        return [(s.id, s.name) for s in await list_all(client, wanted)]
+        return [(s.id, s.name, s.labels) for s in await list_all(client, wanted)]
 
     async def run() -> None:
         async with AsyncSandboxClient() as client:
             doomed = await targets(client)
-            for sandbox_id, name in doomed:
+            for sandbox_id, name, _ in doomed:
                 output.echo(f"  - {name} ({sandbox_id})")
             output.echo(f"Destroy: {len(doomed)} sandbox(es).")
             if dry_run or not doomed:
                 return
             _confirm(yes, "destroy these sandboxes?")
-            result = await client.bulk_delete(sandbox_ids=[i for i, _ in doomed])
+            result = await client.bulk_delete(sandbox_ids=[i for i, _, _ in doomed])
             output.echo(f"Destroyed {len(result.succeeded)}; {len(result.failed)} failed.")
+            # the checkpoints of their `prepare:` steps, unless something still uses them
+            said = output.echo
+            await release(client, [labels for _, _, labels in doomed], set(),
+                          lambda done: said(f"Deleted checkpoint {done['key']}."))  # fmt: skip
             if result.failed:
                 raise PartialFailure
 

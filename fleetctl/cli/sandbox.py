@@ -1,4 +1,4 @@
-"""Commands on single sandboxes, by id: get, logs, exec."""
+"""Commands on single sandboxes, by id: get, logs, exec, checkpoint."""
 
 from __future__ import annotations
 
@@ -62,3 +62,19 @@ def exec_command(
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     raise CommandExited(result.exit_code)
+
+
+@app.command(epilog="Example: fleetctl checkpoint 3f9c2a1b8e7d6c5b4a39")
+def checkpoint(
+    sandbox: SandboxArg,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until it can be restored (DURABLE).")
+    ] = True,
+) -> None:
+    """Checkpoint a sandbox's files (its writable layer and workspace) and print the
+    checkpoint's id, for `from_checkpoint:` in a spec or `checkpoint_id` in the SDK."""
+    with SandboxClient() as client:
+        made = client.checkpoint(sandbox)
+        if wait:
+            made = client.wait_for_checkpoint(made.id)
+    output.echo(made.id)

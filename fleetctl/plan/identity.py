@@ -18,12 +18,15 @@ import hmac
 import json
 from collections.abc import Mapping, Sequence
 
-from fleetctl.spec.expand import DesiredSandbox
+from fleetctl.spec.expand import REPLICA_ENV, DesiredSandbox
 
 PREFIX = "fleetctl."
 FLEET_LABEL = PREFIX + "fleet="
 KEY_LABEL = PREFIX + "key="
 DIGEST_LABEL = PREFIX + "digest="
+#: On sandboxes started from a `prepare:` step: its setup digest, and the checkpoint.
+SETUP_LABEL = PREFIX + "setup="
+CHECKPOINT_LABEL = PREFIX + "checkpoint="
 #: Background job ids of spec jobs: this prefix, then the job's name.
 JOB_PREFIX = "fleetctl-"
 #: Inside each sandbox: "<content digest> <target>" per uploaded file of the spec.
@@ -40,14 +43,39 @@ def fleet_label(fleet: str) -> str:
     return FLEET_LABEL + fleet
 
 
-def digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: bytes) -> str:
-    """A short digest of the fields that need a new sandbox when they change."""
-    keyed = {
+def _keyed(secrets: Mapping[str, str], secret_key: bytes) -> dict[str, str]:
+    return {
         name: hmac.new(secret_key, value.encode(), hashlib.sha256).hexdigest()
         for name, value in sorted(secrets.items())
     }
+
+
+def _short(material: object) -> str:
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def setup_digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: bytes) -> str:
+    """A short digest of what a group's `prepare:` makes (the same for every replica):
+    its checkpoint is reused while this stays the same."""
+    assert sandbox.prepare is not None
+    return _short({
+        "image": sandbox.image, "from_checkpoint": sandbox.from_checkpoint,
+        "prepare": sandbox.prepare.model_dump(), "cpu_cores": sandbox.cpu_cores,
+        "memory_gb": sandbox.memory_gb, "disk_size_gb": sandbox.disk_size_gb,
+        "network_access": sandbox.network_access,
+        "env": {k: v for k, v in sorted(sandbox.env.items()) if k != REPLICA_ENV},
+        "secrets": _keyed(secrets, secret_key),
+    })  # fmt: skip
+
+
+def digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: bytes) -> str:
+    """A short digest of the fields that need a new sandbox when they change."""
     immutable = {
         "image": sandbox.image,
+        "from_checkpoint": sandbox.from_checkpoint,
+        "prepare": sandbox.prepare.model_dump() if sandbox.prepare else None,
+        "idle_timeout_minutes": sandbox.idle_timeout_minutes,
         "start_command": sandbox.start_command,
         "cpu_cores": sandbox.cpu_cores,
         "memory_gb": sandbox.memory_gb,
@@ -55,11 +83,10 @@ def digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: byte
         "timeout_minutes": sandbox.timeout_minutes,
         "network_access": sandbox.network_access,
         "env": dict(sorted(sandbox.env.items())),
-        "secrets": keyed,
+        "secrets": _keyed(secrets, secret_key),
         "labels": list(sandbox.labels),
     }
-    blob = json.dumps(immutable, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _short(immutable)
 
 
 def labels(sandbox: DesiredSandbox, sandbox_digest: str) -> list[str]:

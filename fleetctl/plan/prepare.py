@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetctl.plan.identity import digest
+from fleetctl.plan.identity import digest, setup_digest
 from fleetctl.plan.secrets import resolve
 from fleetctl.spec.expand import DesiredSandbox, Fleet
 
@@ -25,6 +25,8 @@ class Prepared:
 
     desired: tuple[DesiredSandbox, ...]
     digests: dict[tuple[str, str], str]
+    #: Of sandboxes whose group has a `prepare:` step: its setup digest.
+    setups: dict[tuple[str, str], str]
     secrets: dict[tuple[str, str], dict[str, str]]
     fleets: tuple[str, ...]
     file_digests: dict[str, str]
@@ -35,6 +37,7 @@ def prepare(fleets: Sequence[Fleet], api_key: str) -> Prepared:
     secret_key = hashlib.sha256((os.environ.get(DIGEST_KEY_ENV) or api_key).encode()).digest()
     desired: list[DesiredSandbox] = []
     digests: dict[tuple[str, str], str] = {}
+    setups: dict[tuple[str, str], str] = {}
     secrets: dict[tuple[str, str], dict[str, str]] = {}
     for fleet in fleets:
         spec_dir = Path(fleet.source).parent
@@ -42,10 +45,13 @@ def prepare(fleets: Sequence[Fleet], api_key: str) -> Prepared:
             ident = (sandbox.fleet, sandbox.key)
             secrets[ident] = resolve(sandbox.secrets, spec_dir)
             digests[ident] = digest(sandbox, secrets[ident], secret_key)
+            if sandbox.prepare is not None:
+                setups[ident] = setup_digest(sandbox, secrets[ident], secret_key)
             desired.append(sandbox)
     sources = {f.source for s in desired for f in s.files}
     file_digests = {source: content_digest(Path(source)) for source in sources}
-    return Prepared(tuple(desired), digests, secrets, tuple(f.name for f in fleets), file_digests)
+    return Prepared(tuple(desired), digests, setups, secrets, tuple(f.name for f in fleets),
+                    file_digests)  # fmt: skip
 
 
 def content_digest(source: Path) -> str:

@@ -17,6 +17,7 @@ from fleetctl.spec.models import (
     FileSpec,
     FleetSpec,
     Job,
+    Prepare,
     SandboxGroup,
     SandboxSettings,
     SecretRef,
@@ -34,12 +35,16 @@ class DesiredSandbox:
     key: str
     group: str
     replica: int
-    image: str
+    #: The image, or None when the sandbox starts from `from_checkpoint`.
+    image: str | None
+    from_checkpoint: str | None
+    prepare: Prepare | None
     start_command: str | None
     cpu_cores: float
     memory_gb: float
     disk_size_gb: int
     timeout_minutes: int
+    idle_timeout_minutes: int | None
     network_access: bool
     env: Mapping[str, str]
     secrets: Mapping[str, SecretRef]
@@ -63,11 +68,14 @@ class DesiredSandbox:
             "group": self.group,
             "replica": self.replica,
             "image": self.image,
+            "from_checkpoint": self.from_checkpoint,
+            "prepare": self.prepare.model_dump() if self.prepare else None,
             "start_command": self.start_command,
             "cpu_cores": self.cpu_cores,
             "memory_gb": self.memory_gb,
             "disk_size_gb": self.disk_size_gb,
             "timeout_minutes": self.timeout_minutes,
+            "idle_timeout_minutes": self.idle_timeout_minutes,
             "network_access": self.network_access,
             "env": dict(self.env),
             "secrets": {name: ref.model_dump() for name, ref in self.secrets.items()},
@@ -84,6 +92,9 @@ class DesiredSandbox:
             **{k: data[k] for k in ("fleet", "key", "group", "replica", "image",
                                     "start_command", "cpu_cores", "memory_gb", "disk_size_gb",
                                     "timeout_minutes", "network_access")},
+            from_checkpoint=data.get("from_checkpoint"),
+            prepare=Prepare.model_validate(data["prepare"]) if data.get("prepare") else None,
+            idle_timeout_minutes=data.get("idle_timeout_minutes"),
             env=dict(data["env"]),
             secrets={n: SecretRef.model_validate(r) for n, r in data["secrets"].items()},
             labels=tuple(data["labels"]),
@@ -155,12 +166,16 @@ def expand(spec: FleetSpec, spec_file: Path) -> Fleet:
                     key=key,
                     group=group.name,
                     replica=replica,
-                    image=settings["image"],
+                    # with a checkpoint to start from, an image (of `defaults:`) is unused
+                    image=None if settings["from_checkpoint"] else settings["image"],
+                    from_checkpoint=settings["from_checkpoint"],
+                    prepare=settings["prepare"],
                     start_command=settings["start_command"],
                     cpu_cores=settings["cpu_cores"],
                     memory_gb=settings["memory_gb"],
                     disk_size_gb=settings["disk_size_gb"],
                     timeout_minutes=settings["timeout_minutes"],
+                    idle_timeout_minutes=settings["idle_timeout_minutes"],
                     network_access=settings["network_access"],
                     env={**settings["env"], REPLICA_ENV: str(replica)},
                     secrets=dict(settings["secrets"]),

@@ -135,16 +135,27 @@ def load_document(chunk: Chunk, path: Path, overrides: Mapping[str, Any]) -> tup
     return expand(spec, path), located
 
 
+BOTH_SOURCES = "give image or from_checkpoint, not both: a checkpoint has its own image"
+
+
 def check(spec: FleetSpec, located: Located, spec_dir: Path) -> Iterable[Diagnostic]:
     """Rules that span fields: required-after-merge, uniqueness, files that must exist."""
     keys: dict[str, int] = {}
+    if spec.defaults.image is not None and spec.defaults.from_checkpoint is not None:
+        yield located.diagnostic(("defaults", "from_checkpoint"), BOTH_SOURCES)
     for g, group in enumerate(spec.sandboxes):
         here: FieldPath = ("sandboxes", g)
         settings = merged(spec.defaults, group)
-        if settings["image"] is None:
-            yield located.diagnostic(
-                (*here, "name"), "no image: set image in this group or under defaults:"
-            )
+        if settings["image"] is None and settings["from_checkpoint"] is None:
+            yield located.diagnostic((*here, "name"), "no image: set image (or from_checkpoint) "
+                                     "in this group or under defaults:")  # fmt: skip
+        if group.image is not None and group.from_checkpoint is not None:
+            yield located.diagnostic((*here, "from_checkpoint"), BOTH_SOURCES)
+        idle, lifetime = settings["idle_timeout_minutes"], settings["timeout_minutes"]
+        if idle is not None and idle > lifetime:
+            owner = here if group.idle_timeout_minutes is not None else ("defaults",)
+            message = f"idle_timeout_minutes ({idle}) cannot exceed timeout_minutes ({lifetime})"
+            yield located.diagnostic((*owner, "idle_timeout_minutes"), message)
         for field, attribute in (("expose", "port"), ("expose", "name"), ("jobs", "name")):
             owner = here if getattr(group, field) is not None else ("defaults",)
             seen: set[object] = set()

@@ -186,6 +186,20 @@ class Job(_Model):
     )
 
 
+class Prepare(_Model):
+    """Set the group's environment up once: the command runs in one sandbox of the group's
+    settings, its files are checkpointed, and every sandbox of the group starts from that
+    checkpoint (later applies reuse it while the setup is unchanged)."""
+
+    command: str = Field(
+        min_length=1, description="Shell command that sets the environment up.",
+        examples=["pip install -r /workspace/requirements.txt"],
+    )  # fmt: skip
+    timeout_minutes: Minutes = Field(
+        30, description=f"Fail the setup after this long (1-{contract.MAX_TIMEOUT_MINUTES})."
+    )
+
+
 #: Values for settings that neither a group nor `defaults:` gives.
 SETTING_DEFAULTS: dict[str, Any] = {
     "start_command": None,
@@ -202,6 +216,15 @@ class SandboxSettings(_Model):
 
     image: str | None = Field(
         None, min_length=1, description="Container image.", examples=["python:3.11-slim"]
+    )
+    from_checkpoint: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="Start from this checkpoint's files instead of an image (one another "
+        "fleet's sandbox made, e.g. with `fleetctl checkpoint SANDBOX`).",
+        examples=["ckpt-3f2a9c0d1e4b5a69"],
+    )  # fmt: skip
+    prepare: Prepare | None = Field(
+        None, description="A setup run once and checkpointed; the sandboxes start from it."
     )
     start_command: str | None = Field(
         None,
@@ -224,6 +247,11 @@ class SandboxSettings(_Model):
         None,
         description="Lifetime: the sandbox is stopped after this long "
         f"(1-{contract.MAX_TIMEOUT_MINUTES}, default {contract.DEFAULT_TIMEOUT_MINUTES}).",
+    )
+    idle_timeout_minutes: Minutes | None = Field(
+        None,
+        description="Stop a sandbox unused this long: no exec, file transfer or command "
+        "running (at most timeout_minutes; default: no idle timeout).",
     )
     network_access: bool | None = Field(
         None,

@@ -18,8 +18,9 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def desired(key: str, fleet: str = "f") -> DesiredSandbox:
     return DesiredSandbox(
-        fleet=fleet, key=key, group=key, replica=0, image="i", start_command=None,
-        cpu_cores=1, memory_gb=1, disk_size_gb=1, timeout_minutes=60, network_access=True,
+        fleet=fleet, key=key, group=key, replica=0, image="i", from_checkpoint=None,
+        prepare=None, start_command=None, cpu_cores=1, memory_gb=1, disk_size_gb=1,
+        timeout_minutes=60, idle_timeout_minutes=None, network_access=True,
         env={}, secrets={}, labels=(), files=(), expose=(), jobs=(),
     )  # fmt: skip
 

@@ -89,7 +89,10 @@ INVALID = [
     ),
     pytest.param(
         HEADER + "sandboxes:\n  - name: a\n",
-        ["5:11: sandboxes[0].name: no image: set image in this group or under defaults:"],
+        [
+            "5:11: sandboxes[0].name: no image: set image (or from_checkpoint) in this group or "
+            "under defaults:"
+        ],
         id="no-image",
     ),
     pytest.param(
@@ -156,6 +159,28 @@ INVALID = [
         + "sandboxes:\n  - name: a\n    image: x\n    secrets: {T: {from_env: A, from_file: b}}\n",
         ["7:18: sandboxes[0].secrets.T: give exactly one of from_env or from_file"],
         id="secret-two-sources",
+    ),
+    pytest.param(
+        HEADER + "sandboxes:\n  - name: a\n    image: x\n    from_checkpoint: ckpt-1\n",
+        [
+            "7:22: sandboxes[0].from_checkpoint: give image or from_checkpoint, not both: a "
+            "checkpoint has its own image"
+        ],
+        id="image-and-checkpoint",
+    ),
+    pytest.param(
+        HEADER + "sandboxes:\n  - name: a\n    image: x\n    timeout_minutes: 5\n"
+        "    idle_timeout_minutes: 6\n",
+        [
+            "8:27: sandboxes[0].idle_timeout_minutes: idle_timeout_minutes (6) cannot exceed "
+            "timeout_minutes (5)"
+        ],
+        id="idle-past-lifetime",
+    ),
+    pytest.param(
+        HEADER + "sandboxes:\n  - name: a\n    image: x\n    prepare: {timeout_minutes: 3}\n",
+        ["7:14: sandboxes[0].prepare.command: missing required field 'command'"],
+        id="prepare-without-command",
     ),
     pytest.param(
         "- just\n- a list\n",
@@ -231,6 +256,24 @@ def test_valid_spec_expands_replicas_and_merges_defaults(tmp_path: Path) -> None
     assert web.env[REPLICA_ENV] == "0"
     assert (web.timeout_minutes, web.network_access, web.cpu_cores) == (60, True, 1.0)
     assert shard1.to_dict()["secrets"] == {"TOKEN": "<secret:from_env:HF_TOKEN>"}
+
+
+def test_a_checkpoint_replaces_the_image_of_defaults_and_a_setup_is_kept(
+    tmp_path: Path,
+) -> None:
+    body = HEADER + textwrap.dedent("""\
+        defaults: {image: python:3.11-slim, idle_timeout_minutes: 10}
+        sandboxes:
+          - {name: restored, from_checkpoint: ckpt-7}
+          - {name: built, prepare: {command: pip install x}}
+        """)  # fmt: skip
+    (fleet,) = load([str(write(tmp_path, body))])
+    restored, built = fleet.sandboxes
+    assert (restored.image, restored.from_checkpoint) == (None, "ckpt-7")
+    assert (built.image, built.idle_timeout_minutes) == ("python:3.11-slim", 10)
+    assert built.prepare is not None
+    assert (built.prepare.command, built.prepare.timeout_minutes) == ("pip install x", 30)
+    assert type(built).from_record(built.to_record()) == built
 
 
 def test_var_overrides_spec_defaults_and_is_typed(tmp_path: Path) -> None:
