@@ -247,7 +247,7 @@ async def run_official(url: str, token: str, n: int, rate: float, home: Path) ->
             )
             while True:
                 try:
-                    return (await client.create(request)).id
+                    return str((await client.create(request)).id)
                 except prime_sandboxes.APIError as exc:
                     if not is_429(exc) or time.monotonic() >= deadline:
                         raise
@@ -255,7 +255,7 @@ async def run_official(url: str, token: str, n: int, rate: float, home: Path) ->
                 await asyncio.sleep(jitter.uniform(0.5, 1.5) / rate)
 
         async def execute(sandbox_id: str) -> str:
-            return (await client.execute_command(sandbox_id, "echo ok")).stdout
+            return str((await client.execute_command(sandbox_id, "echo ok")).stdout)
 
         async def bulk_delete() -> list[str]:
             response = await client.bulk_delete(labels=label)
