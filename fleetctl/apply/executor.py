@@ -23,6 +23,7 @@ from pathlib import Path
 import anyio
 
 from fleetctl.apply.events import Emit, Kind, event
+from fleetctl.apply.request import sandbox_request
 from fleetctl.apply.setup import checkpoint_for, release, setup_labels
 from fleetctl.plan.identity import FILES_MARKER, idempotency_key, job_id, labels
 from fleetctl.plan.model import Action, Change, InPlace, Plan
@@ -227,18 +228,13 @@ def _request(item: _Work) -> CreateSandboxRequest:
     optional = {"start_command": desired.start_command} if desired.start_command else {}
     checkpoint = item.checkpoint or desired.from_checkpoint
     own = setup_labels(item.setup, item.checkpoint) if item.setup and item.checkpoint else []
-    return CreateSandboxRequest(
+    return sandbox_request(
+        desired,
+        item.secrets,
+        checkpoint=checkpoint,
         name=f"{desired.fleet}-{desired.key}",
-        docker_image=None if checkpoint else desired.image,
-        checkpoint_id=checkpoint,
-        cpu_cores=desired.cpu_cores,
-        memory_gb=desired.memory_gb,
-        disk_size_gb=desired.disk_size_gb,
-        network_access=desired.network_access,
         timeout_minutes=desired.timeout_minutes,
         idle_timeout_minutes=desired.idle_timeout_minutes,
-        environment_vars=dict(desired.env),
-        secrets=dict(item.secrets) or None,
         labels=[*labels(desired, item.digest), *own],
         idempotency_key=idempotency_key(desired.fleet, desired.key, item.digest, before),
         **optional,

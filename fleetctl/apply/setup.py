@@ -21,12 +21,12 @@ from collections.abc import Iterable, Sequence
 import anyio
 
 from fleetctl.apply.events import Emit, Kind, event
+from fleetctl.apply.request import sandbox_request
 from fleetctl.plan.identity import CHECKPOINT_LABEL, SETUP_LABEL, fleet_label
 from fleetctl.sandboxes import (
     APIError,
     AsyncSandboxClient,
     BackgroundJobStatus,
-    CreateSandboxRequest,
 )
 from fleetctl.spec.expand import DesiredSandbox
 
@@ -62,12 +62,9 @@ async def checkpoint_for(
         return reused
     prepare = desired.prepare
     assert prepare is not None
-    request = CreateSandboxRequest(
-        name=f"{desired.fleet}-{desired.group}-prepare", docker_image=desired.image,
-        checkpoint_id=desired.from_checkpoint, cpu_cores=desired.cpu_cores,
-        memory_gb=desired.memory_gb, disk_size_gb=desired.disk_size_gb,
-        network_access=desired.network_access, environment_vars=dict(desired.env),
-        secrets=secrets or None, labels=[SETUP_LABEL + setup],
+    request = sandbox_request(
+        desired, secrets, checkpoint=desired.from_checkpoint,
+        name=f"{desired.fleet}-{desired.group}-prepare", labels=[SETUP_LABEL + setup],
         timeout_minutes=prepare.timeout_minutes + MARGIN_MINUTES,
     )  # fmt: skip
     sandbox = await client.create(request)

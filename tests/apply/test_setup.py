@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fleetctl.cli import main
-from tests.conftest import Create, Server, needs_sandboxes, wait_for
+from tests.conftest import Connect, Create, Server, needs_sandboxes, wait_for
 
 pytestmark = needs_sandboxes
 SETUP = "mkdir -p /usr/local/share/t && echo {marker} > /usr/local/share/t/ready"
@@ -56,22 +56,21 @@ def kinds(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [e for e in events if e["event"] == kind]
 
 
-def files(api: httpx.Client) -> dict[str, str]:
+def files(api: httpx.Client, gateway: Connect) -> dict[str, str]:
     """Each live sandbox of the fleet: what its setup left, read from inside it."""
     found = api.get("/sandbox", params={"labels": "fleetctl.fleet=t-setup",
                                         "is_active": "true"}).json()["sandboxes"]  # fmt: skip
-    seen = {}
-    for sandbox in found:
-        auth = api.post(f"/sandbox/{sandbox['id']}/auth").json()
-        with httpx.Client(headers={"Authorization": f"Bearer {auth['token']}"}) as gw:
-            url = f"{auth['gateway_url']}/{auth['user_ns']}/{auth['job_id']}/exec"
-            read = gw.post(url, json={"command": "cat /usr/local/share/t/ready"}).json()
-        seen[sandbox["name"]] = read["stdout"].strip()
-    return seen
+    return {
+        sandbox["name"]: gateway(sandbox["id"])
+        .exec("cat /usr/local/share/t/ready")
+        .json()["stdout"]
+        .strip()
+        for sandbox in found
+    }
 
 
 def test_a_setup_runs_once_is_reused_and_replaced_when_it_changes(
-    spec: Path, capsys: pytest.CaptureFixture[str], api: httpx.Client, server: Server
+    spec: Path, capsys: pytest.CaptureFixture[str], api: httpx.Client, gateway: Connect
 ) -> None:
     code, events = apply(capsys, spec)
     assert code == 0, events
@@ -79,7 +78,7 @@ def test_a_setup_runs_once_is_reused_and_replaced_when_it_changes(
     (prepared,) = kinds(events, "prepared")
     first = prepared["checkpoint"]
     assert prepared["reused"] is False
-    assert files(api) == {"t-setup-worker-0": "one", "t-setup-worker-1": "one"}
+    assert files(api, gateway) == {"t-setup-worker-0": "one", "t-setup-worker-1": "one"}
     live = api.get("/sandbox", params={"labels": "fleetctl.fleet=t-setup"}).json()["sandboxes"]
     assert {s["idleTimeoutMinutes"] for s in live} == {30}
     assert all(f"fleetctl.checkpoint={first}" in s["labels"] for s in live)
@@ -91,13 +90,13 @@ def test_a_setup_runs_once_is_reused_and_replaced_when_it_changes(
     code, events = apply(capsys, spec)
     assert (code, kinds(events, "preparing")) == (0, [])
     assert [(e["checkpoint"], e["reused"]) for e in kinds(events, "prepared")] == [(first, True)]
-    assert files(api)["t-setup-worker-2"] == "one"
+    assert files(api, gateway)["t-setup-worker-2"] == "one"
 
     write(spec, replicas=3, marker="two")
     code, events = apply(capsys, spec)
     assert code == 0, events
     assert len(kinds(events, "preparing")) == 1
-    assert set(files(api).values()) == {"two"}
+    assert set(files(api, gateway).values()) == {"two"}
     assert [e["key"] for e in kinds(events, "released")] == [first]
     assert api.get(f"/sandbox/checkpoints/{first}").status_code == 404
 
