@@ -56,8 +56,12 @@ def _userns(owner: int, as_uid: int) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child only unshares and waits
         try:
-            os.close(ready_r)
-            os.close(done_w)
+            # Only its own two ends: a pipe end of a concurrent call, inherited, would keep
+            # that call's child from seeing EOF, and two such children wait on each other.
+            low, high = sorted((ready_w, done_r))
+            os.closerange(0, low)
+            os.closerange(low + 1, high)
+            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
             if _libc.unshare(CLONE_NEWUSER) != 0:
                 os._exit(1)
             os.write(ready_w, b"R")
