@@ -47,7 +47,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importable
 
 import anyio
-import httpx
 
 from fleetctl.apply.executor import Options, Result, execute
 from fleetctl.plan.identity import fleet_label
@@ -84,8 +83,7 @@ def spec_text(n: int) -> str:
     )
 
 
-def kind(request: httpx.Request) -> str:
-    path, method = request.url.path, request.method
+def kind(method: str, path: str) -> str:
     if path == SANDBOX_PATH:
         return {"POST": "create", "GET": "list", "DELETE": "delete"}.get(method, "other")
     if path == STATUS_PATH:

@@ -112,7 +112,7 @@ def create_running(api: httpx.Client, name: str) -> tuple[str, float]:
     sandbox_id = str(response.json()["id"])
     while True:
         answer = api.post("/sandbox/status:batchGet", json={"sandbox_ids": [sandbox_id]})
-        status = answer.json()["sandboxes"][0]["status"]
+        status = answer.json()["statuses"][0]["status"]
         if status == "RUNNING":
             return sandbox_id, (time.perf_counter() - started) * 1000
         if status in ("ERROR", "TERMINATED", "TIMEOUT"):

@@ -4,11 +4,12 @@
 
 Runs, one after another, each as a subprocess of this interpreter from the repository
 root: ``local_runtime.py``, ``sdk_fanout.py --n 100 --rate 20``, ``apply_throughput.py
---n 300 --rate 25``, ``plan_scale.py`` and ``reliability_report.py`` (short). Their
-output is passed through as it comes; the last line of each is its figures. Then the
-block of README.md between ``<!-- BEGIN bench -->`` and ``<!-- END bench -->`` is
-rewritten: a line saying when (UTC) and on what (CPU model, cores, memory, kernel) it was
-measured, and the table, one row per script with its last line.
+--n 300 --rate 25``, ``exec_transports.py``, ``checkpoint_fanout.py``, ``plan_scale.py``
+and ``reliability_report.py`` (short). Their output is passed through as it comes; the
+last line of each is its figures. Then the block of README.md between ``<!-- BEGIN
+bench -->`` and ``<!-- END bench -->`` is rewritten: a line saying when (UTC) and on what
+(CPU model, cores, memory, kernel) it was measured, and the table, one row per script
+with its last line.
 
 A script that exits non-zero (or runs past its time limit, then it is interrupted with
 SIGINT so that it stops its servers), or whose last line is not ``key=value`` figures,
@@ -58,10 +59,14 @@ def benches(quick: bool) -> list[Bench]:
                   "5 sandboxes, 20 commands through the API", 300),
             Bench("sdk_fanout.py", ("--n", "30", "--rate", "10"),
                   "create, wait, exec, delete 30 sandboxes under `create=10/s`, ours vs the "
-                  "official SDK (its creates wrapped in a retry on 429)", 300),
+                  "official 0.5.1 SDK", 300),
             Bench("apply_throughput.py", ("--n", "30", "--rate", "10"),
                   "`apply` of 30 sandboxes under `create=10/s`", 300),
-            Bench("plan_scale.py", ("--n", "1000"),
+            Bench("exec_transports.py", ("--commands", "30"),
+              "30 commands on one sandbox, Connect vs REST", 300),
+        Bench("checkpoint_fanout.py", ("--n", "10", "--size-mb", "20"),
+              "10 sandboxes with 20 MiB of setup each: from a checkpoint vs set up each", 300),
+        Bench("plan_scale.py", ("--n", "1000"),
                   "plan 1,000 desired against 1,000 live, in memory", 300),
             Bench("reliability_report.py", (),
                   "soak (2 rounds of 12) and crash scenarios under faults, short", 900),
@@ -70,9 +75,14 @@ def benches(quick: bool) -> list[Bench]:
         Bench("local_runtime.py", (), "50 sandboxes, 200 commands through the API", 900),
         Bench("sdk_fanout.py", ("--n", "100", "--rate", "20"),
               "create, wait, exec, delete 100 sandboxes under `create=20/s`, ours vs the "
-              "official SDK (its creates wrapped in a retry on 429)", 900),
+              "official 0.5.1 SDK", 900),
         Bench("apply_throughput.py", ("--n", "300", "--rate", "25"),
               "`apply` of 300 sandboxes under `create=25/s`", 900),
+        Bench("exec_transports.py", (),
+              "300 commands on one sandbox, over Connect vs over REST, alternating", 600),
+        Bench("checkpoint_fanout.py", (),
+              "300 sandboxes with 200 MiB of setup each: from a checkpoint of one set-up "
+              "sandbox vs created bare and set up each", 1800),
         Bench("plan_scale.py", (), "plan 10,000 desired against 10,000 live, in memory", 900),
         Bench("reliability_report.py", (),
               "soak (2 rounds of apply/destroy of 12 sandboxes under injected faults and "
