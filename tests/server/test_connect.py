@@ -18,6 +18,7 @@ import httpx
 from google.protobuf.message import Message
 
 from fleetctl.proto import command_session_pb2 as pb
+from fleetctl.server.service.processes import MAX_PER_SANDBOX
 from tests.conftest import Gateway, Running, Server, needs_sandboxes
 
 pytestmark = needs_sandboxes
@@ -88,6 +89,18 @@ def test_start_streams_the_pid_the_output_and_the_exit_code_then_ends_the_stream
     assert (output(events), output(events, "stderr")) == (b"out\n", b"err\n")
     finished = events[-1].end
     assert (finished.exit_code, finished.exited, finished.status) == (3, True, "exit")
+
+
+def test_commands_that_ended_do_not_count_against_the_live_process_limit(
+    running: Running,
+) -> None:
+    """Ended processes are kept a while for re-attach; more of them than a sandbox may run
+    at once must not make the next command `resource_exhausted`."""
+    _, gw = running()
+    for index in range(MAX_PER_SANDBOX + 20):
+        events, end = parse(call(gw, "Start", start_request("true", stdin=False)).content)
+        assert end == {}, (index, end)
+        assert kinds(events)[-1] == "end"
 
 
 def test_a_bad_token_is_unauthenticated_before_any_message(running: Running) -> None:

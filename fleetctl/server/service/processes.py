@@ -42,6 +42,8 @@ CHUNK = 64 * 1024
 HOLD = 1024 * 1024
 #: Live processes one sandbox may have at once.
 MAX_PER_SANDBOX = 256
+#: Ended processes kept per sandbox for re-attach (the latest), whatever their age.
+MAX_ENDED = 256
 #: Input and signal ids remembered per process, for de-duplication.
 MAX_SEEN = 10_000
 
@@ -185,7 +187,7 @@ class Processes:
             if known.command != command:
                 raise Conflict(f"session {session_uuid} runs another command")
             return self._subscribe(known, owner=False)
-        if len(processes) >= MAX_PER_SANDBOX:
+        if sum(1 for p in processes.values() if p.ended is None) >= MAX_PER_SANDBOX:
             raise Crowded(f"sandbox {sandbox_id} already runs {MAX_PER_SANDBOX} processes")
         process = Process(sandbox_id, session_uuid or uuid.uuid4().hex, command, session_uuid)
         processes[process.key] = process
@@ -321,6 +323,9 @@ class Processes:
 
     @staticmethod
     def _forget_ended(processes: dict[str, Process]) -> None:
+        """Drop ended processes after RETAIN seconds, and the oldest past MAX_ENDED."""
         horizon = time.monotonic() - RETAIN
-        for key in [k for k, p in processes.items() if p.ended and p.ended_at < horizon]:
-            del processes[key]
+        ended = sorted((p.ended_at, k) for k, p in processes.items() if p.ended)
+        for index, (ended_at, key) in enumerate(ended):
+            if ended_at < horizon or index < len(ended) - MAX_ENDED:
+                del processes[key]
