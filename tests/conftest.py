@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,9 @@ from fleetctl.server.runtime.bwrap.host import probe
 
 #: The official clients' suite runs in venvs of its own (tests/server/test_official_clients.py).
 collect_ignore = ["official"]
+#: Every server a test starts (the CLI's too) runs images on the host's root filesystem and
+#: never reaches for a registry on the internet; tests/images/ runs its own with a registry.
+os.environ.setdefault("FLEETCTL_IMAGE_POLICY", "host")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -87,8 +90,11 @@ class Server:
         )
 
 
-def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[bytes]]:
-    """Start `fleetctl server` on a free port; return once it answers /health."""
+def start_server(
+    data_dir: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> tuple[Server, subprocess.Popen[bytes]]:
+    """Start `fleetctl server` on a free port (with `env` added to its environment);
+    return once it answers /health."""
     data_dir.mkdir(parents=True, exist_ok=True)
     oracle_key = data_dir.parent / f"{data_dir.name}.oracle-key"
     if not oracle_key.exists():
@@ -100,7 +106,7 @@ def start_server(data_dir: Path, *extra: str) -> tuple[Server, subprocess.Popen[
             [sys.executable, "-m", "fleetctl", *argv],
             stdout=log,
             stderr=log,
-            env={**os.environ, "FLEETCTL_SERVER_TOKEN": ""},
+            env={**os.environ, "FLEETCTL_SERVER_TOKEN": "", **(env or {})},
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -172,13 +178,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def own_server(*flags: str) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
+def own_server(
+    *flags: str, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
     """A server of a test's own on a fresh data dir, stopped by its PID after (unless the
     test already killed it); its stop must leave no sandbox behind."""
     if not probe().can_run:
         pytest.skip("this host cannot run sandboxes (see fleetctl doctor)")
     with traversable_dir() as base:
-        info, process = start_server(base / "data", *flags)
+        info, process = start_server(base / "data", *flags, env=env)
         stopped_here = False
         try:
             yield info, process

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: The server's own layers, bottom to top, the same way.
 SERVER_LAYERS: tuple[tuple[str, ...], ...] = (
     ("options", "asgi", "api", "store", "proxy"),
-    ("runtime",),
+    ("runtime", "images"),
     ("service", "ratelimit", "faults", "daemon"),
     ("routes",),
     ("app",),

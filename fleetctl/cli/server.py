@@ -18,7 +18,13 @@ from fleetctl.cli import output
 from fleetctl.cli.app import app
 from fleetctl.cli.exits import NotFound
 from fleetctl.errors import UsageError
-from fleetctl.server.options import DEFAULT_HOST, DEFAULT_PORT, ServerOptions, default_data_dir
+from fleetctl.server.options import (
+    DEFAULT_HOST,
+    DEFAULT_IMAGE_MAX_GB,
+    DEFAULT_PORT,
+    ServerOptions,
+    default_data_dir,
+)
 
 server_app = typer.Typer(
     help="Run the local sandbox server: real isolated sandboxes on this machine behind the "
@@ -31,8 +37,9 @@ app.add_typer(server_app, name="server")
 
 
 class ImagePolicyChoice(StrEnum):
+    pull_or_host = "pull-or-host"
+    pull = "pull"
     host = "host"
-    strict = "strict"
 
 
 DataDirOpt = Annotated[
@@ -63,11 +70,13 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
             ImagePolicyChoice,
             typer.Option(
                 "--image-policy",
-                help="host: an image with no local rootfs runs on the host's root filesystem "
-                "(said in its record and logs); strict: such an image fails with "
-                "IMAGE_PULL_FAILED.",
+                envvar="FLEETCTL_IMAGE_POLICY",
+                help="pull-or-host: pull images from their registry, and run an image no "
+                "registry could be reached for on the host's root filesystem (said in its "
+                "imageSource and logs); pull: such an image fails with IMAGE_PULL_FAILED; "
+                "host: never pull, every sandbox runs on the host's root filesystem.",
             ),
-        ] = ImagePolicyChoice.host,
+        ] = ImagePolicyChoice.pull_or_host,
         rate_limit: Annotated[
             str,
             typer.Option(
@@ -110,6 +119,32 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
                 "processes). Off, exec is REST only, as on a 0.2 API: for testing clients.",
             ),
         ] = True,
+        insecure_registry: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--insecure-registry",
+                metavar="HOST:PORT",
+                help="Speak plain HTTP to this registry (repeatable), e.g. 127.0.0.1:5000.",
+                show_default=False,
+            ),
+        ] = None,
+        registry_mirror: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--registry-mirror",
+                metavar="URL",
+                help="Pull Docker Hub images through this mirror first (repeatable).",
+                show_default=False,
+            ),
+        ] = None,
+        image_max_gb: Annotated[
+            float,
+            typer.Option(
+                "--image-max-gb",
+                min=0.001,
+                help="Most one image may unpack to; a pull past it fails (decompression bombs).",
+            ),
+        ] = DEFAULT_IMAGE_MAX_GB,
     ) -> None:
         if ctx.invoked_subcommand is not None:
             return
@@ -122,7 +157,9 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         run(ServerOptions(host, port, data_dir, image_policy.value, rate_limit, faults,
-                          timeout_scale, tuple(api_key_file or ()), command_session))  # fmt: skip
+                          timeout_scale, tuple(api_key_file or ()), command_session,
+                          tuple(insecure_registry or ()), tuple(registry_mirror or ()),
+                          image_max_gb))  # fmt: skip
 
     command.__doc__ = run.__doc__  # the help text (not update_wrapper: its __wrapped__
     return command  # would make typer read `run`'s signature instead)

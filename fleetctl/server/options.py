@@ -7,13 +7,22 @@ Light on purpose (no FastAPI, no uvicorn): the CLI declares its options from her
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7431
-ImagePolicy = Literal["host", "strict"]
+ImagePolicy = Literal["pull-or-host", "pull", "host"]
+IMAGE_POLICIES: tuple[ImagePolicy, ...] = ("pull-or-host", "pull", "host")
+#: Unpacked bytes one image may take (a decompression bomb stops there).
+DEFAULT_IMAGE_MAX_GB = 20.0
+
+
+def default_image_policy() -> ImagePolicy:
+    """FLEETCTL_IMAGE_POLICY if it names a policy, else pull-or-host."""
+    wanted = os.environ.get("FLEETCTL_IMAGE_POLICY", "")
+    return next((p for p in IMAGE_POLICIES if p == wanted), "pull-or-host")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +32,7 @@ class ServerOptions:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     data_dir: Path | None = None
-    image_policy: ImagePolicy = "host"
+    image_policy: ImagePolicy = field(default_factory=default_image_policy)
     rate_limit: str = ""
     faults: str = ""
     timeout_scale: float = 1.0
@@ -31,6 +40,11 @@ class ServerOptions:
     api_key_files: tuple[Path, ...] = ()
     #: Offer the gateway's Connect command session (off: exec over REST only, as 0.2 APIs).
     command_session: bool = True
+    #: Registries (host:port) spoken to over plain HTTP.
+    insecure_registries: tuple[str, ...] = ()
+    #: Docker Hub mirrors (URLs), tried in order before Docker Hub.
+    registry_mirrors: tuple[str, ...] = ()
+    image_max_gb: float = DEFAULT_IMAGE_MAX_GB
 
     @property
     def directory(self) -> Path:
@@ -50,6 +64,12 @@ class ServerOptions:
             args += ["--api-key-file", str(path)]
         if not self.command_session:
             args += ["--no-command-session"]
+        for host in self.insecure_registries:
+            args += ["--insecure-registry", host]
+        for mirror in self.registry_mirrors:
+            args += ["--registry-mirror", mirror]
+        if self.image_max_gb != DEFAULT_IMAGE_MAX_GB:
+            args += ["--image-max-gb", str(self.image_max_gb)]
         return args
 
 

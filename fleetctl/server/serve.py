@@ -17,6 +17,9 @@ import uvicorn
 
 from fleetctl.server.app import create_app
 from fleetctl.server.daemon import ServerError, api_token
+from fleetctl.server.images.pull import Puller
+from fleetctl.server.images.registry import Registry, RegistrySettings
+from fleetctl.server.images.store import Store as ImageStore
 from fleetctl.server.options import ServerOptions
 from fleetctl.server.runtime.base import RuntimeFailure
 from fleetctl.server.runtime.bwrap import BwrapRuntime
@@ -40,7 +43,11 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
             image_policy=options.image_policy,
             timeout_scale=options.timeout_scale,
         )
-        service = SandboxService(store, runtime, settings)
+        registry = Registry(RegistrySettings.load(
+            options.insecure_registries, options.registry_mirrors, os.environ))  # fmt: skip
+        puller = Puller(ImageStore(data_dir / "images"), registry,
+                        max_unpacked=int(options.image_max_gb * 2**30))  # fmt: skip
+        service = SandboxService(store, runtime, settings, puller)
         try:
             app = create_app(service, keys, rate_limits=options.rate_limit, faults=options.faults,
                              command_session=options.command_session)  # fmt: skip
@@ -60,6 +67,7 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
         finally:
             info.unlink(missing_ok=True)
             store.close()
+            puller.close()
 
 
 def _key_from(path: Path) -> str:

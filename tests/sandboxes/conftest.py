@@ -141,8 +141,13 @@ def fast_clock() -> Iterator[Server]:
         yield info
 
 
+#: An HTTPS proxy on a loopback port nothing listens on (port 9, discard: closed here).
+NO_INTERNET = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+
+
 @pytest.fixture(scope="module")
 def strict_images() -> Iterator[Server]:
-    """No image has a local rootfs here, so every sandbox fails with IMAGE_PULL_FAILED."""
-    with own_server("--image-policy", "strict") as (info, _):
+    """Images are pulled, with no fallback, through a proxy that refuses every connection:
+    every sandbox fails with IMAGE_PULL_FAILED (and nothing reaches the internet)."""
+    with own_server("--image-policy", "pull", env=NO_INTERNET) as (info, _):
         yield info

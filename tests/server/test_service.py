@@ -119,7 +119,7 @@ async def test_strict_image_policy_fails_unknown_images(
     strict = SandboxService(
         svc.store,
         svc.runtime,
-        Settings(data_dir=svc.shared.settings.data_dir, image_policy="strict"),
+        Settings(data_dir=svc.shared.settings.data_dir, image_policy="pull"),
     )
     async with anyio.create_task_group() as group:
         strict.sandboxes.run(group)

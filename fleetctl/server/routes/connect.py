@@ -35,7 +35,7 @@ from fleetctl.server.asgi import bearer
 from fleetctl.server.faults import InjectedReset
 from fleetctl.server.routes import frames
 from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService
-from fleetctl.server.service.dataplane import DEFAULT_WORKDIR, ROOT_USERS
+from fleetctl.server.service.dataplane import ROOT_USERS
 from fleetctl.server.service.processes import (
     STREAMS,
     Command,
@@ -272,7 +272,7 @@ class CommandSession:
         except ValueError as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from None
         command = Command((spec.cmd, *spec.args), dict(spec.envs),
-                          spec.cwd if spec.HasField("cwd") else DEFAULT_WORKDIR)  # fmt: skip
+                          spec.cwd if spec.HasField("cwd") else None)  # fmt: skip
         uuid = request.session_uuid if request.HasField("session_uuid") else None
         try:
             reader = await self.service.processes.start(

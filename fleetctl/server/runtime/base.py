@@ -47,9 +47,20 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageLayers:
+    """An image's unpacked layers: directories named `layers` (bottom first) under `store`,
+    whose files belong to host root; `workdir` is where its commands start (None:
+    /workspace)."""
+
+    store: Path
+    layers: tuple[str, ...]
+    workdir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchSpec:
     """What to start. `env` holds environment variables and secrets; it is never stored.
-    `start_command` None keeps the sandbox idle. `rootfs` None: the host's root filesystem.
+    `start_command` None keeps the sandbox idle. `image` None: the host's root filesystem.
     `layers`: checkpoints to start from, oldest first (their files under the sandbox's own
     writable layer and workspace)."""
 
@@ -59,7 +70,7 @@ class LaunchSpec:
     env: Mapping[str, str]
     network: bool
     limits: Limits | None
-    rootfs: Path | None
+    image: ImageLayers | None
     layers: tuple[Layer, ...] = ()
 
 

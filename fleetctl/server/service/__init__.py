@@ -18,6 +18,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from fleetctl.server import api
+from fleetctl.server.images.pull import Puller
 from fleetctl.server.runtime.base import Runtime
 from fleetctl.server.service.adoption import Adoption
 from fleetctl.server.service.checkpoints import Busy, Checkpoints
@@ -44,8 +45,10 @@ class SandboxService:
     """The pieces, wired together; routes call them through `sandboxes`, `monitor`,
     `data`, `processes` and `adoption`."""
 
-    def __init__(self, store: Store, runtime: Runtime, settings: Settings) -> None:
-        self.shared = Shared(store, runtime, settings)
+    def __init__(
+        self, store: Store, runtime: Runtime, settings: Settings, images: Puller | None = None
+    ) -> None:
+        self.shared = Shared(store, runtime, settings, images)
         self.sandboxes = Lifecycle(self.shared)
         self.monitor = Monitor(self.shared, self.sandboxes)
         self.data = DataPlane(self.shared, self.sandboxes, self.monitor)

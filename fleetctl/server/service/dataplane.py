@@ -26,13 +26,19 @@ from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, H
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
 from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
-from fleetctl.server.store import ExposureRecord
+from fleetctl.server.store import ExposureRecord, SandboxRecord
 
 log = logging.getLogger("fleetctl.server")
 TOKEN_TTL = timedelta(hours=1)
 READ_FILE_MAX = 16 * 1024 * 1024
 ROOT_USERS = ("root", "0", "root:root", "0:0")
 DEFAULT_WORKDIR = "/workspace"
+
+
+def workdir(record: SandboxRecord) -> str:
+    """Where a command runs unless it says: the image's WorkingDir, else /workspace."""
+    image = record.request.get("image") or {}
+    return str(image.get("workdir") or DEFAULT_WORKDIR)
 
 
 class DataPlane:
@@ -125,7 +131,7 @@ class DataPlane:
                 handle,
                 env,
                 request.command,
-                cwd=request.working_dir or DEFAULT_WORKDIR,
+                cwd=request.working_dir or workdir(self.lifecycle.get(sandbox_id)),
                 timeout=request.timeout,
             )
         if await self.settle(sandbox_id):

@@ -7,11 +7,9 @@ which calls the hooks other pieces registered to drop what they hold for it.
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 from anyio.abc import TaskGroup
@@ -20,6 +18,7 @@ from fleetctl import contract
 from fleetctl.contract import FINAL_STATUSES, ErrorType, SandboxStatus
 from fleetctl.server import api
 from fleetctl.server.runtime.base import Handle, LaunchSpec, Layer, Limits, RuntimeFailure
+from fleetctl.server.service.images import ImageFailed, root_for
 from fleetctl.server.service.state import (
     NotFound,
     NotRunning,
@@ -33,7 +32,6 @@ from fleetctl.server.store import SandboxRecord
 
 PIDS_LIMIT = 1024
 LOG_TAIL = 1024 * 1024
-_IMAGE_DIR_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,40 +111,33 @@ class Lifecycle:
     async def _provision(self, record: SandboxRecord, layers: tuple[Layer, ...]) -> None:
         self.store.update(record.id, status=SandboxStatus.PROVISIONING)
         request = record.request
-        image = request["docker_image"]
-        rootfs = self._image_rootfs(image)
-        source = f"image rootfs {rootfs}"
-        if rootfs is None:
-            if self.shared.settings.image_policy == "strict":
-                message = (
-                    f"image {image!r} has no local rootfs and the server runs with "
-                    "--image-policy strict"
-                )
-                await self.finish(
-                    record.id,
-                    SandboxStatus.ERROR,
-                    error_type=ErrorType.IMAGE_PULL_FAILED,
-                    message=message,
-                )
-                return
-            source = (
-                f"host root filesystem (read-only lower layer): image {image!r} has no local rootfs"
-            )
+        try:
+            root = await root_for(self.shared.images, self.shared.settings.image_policy,
+                                  request["docker_image"])  # fmt: skip
+        except ImageFailed as exc:
+            self.runtime.append_log(record.id, f"[fleetctl] {exc}\n")
+            await self.finish(record.id, SandboxStatus.ERROR,
+                              error_type=ErrorType.IMAGE_PULL_FAILED, message=str(exc))  # fmt: skip
+            return
+        if root.warning:
+            self.runtime.append_log(record.id, f"[fleetctl] {root.warning}\n")
+        env = {**root.env, **self.shared.env.get(record.id, {})}
+        self.shared.env[record.id] = env
         spec = LaunchSpec(
             id=record.id,
             seq=record.seq,
             start_command=shell_command(request.get("start_command")),
-            env=self.shared.env.get(record.id, {}),
+            env=env,
             network=bool(request["network_access"]),
             limits=Limits(
                 memory_bytes=int(float(request["memory_gb"]) * 1024**3),
                 cpu_cores=float(request["cpu_cores"]),
                 pids=PIDS_LIMIT,
             ),
-            rootfs=rootfs,
+            image=root.layers,
             layers=layers,
         )
-        self.runtime.append_log(record.id, f"[fleetctl] starting sandbox on the {source}\n")
+        self.runtime.append_log(record.id, f"[fleetctl] starting sandbox on the {root.source}\n")
         try:
             async with self._provisioning:
                 handle = await anyio.to_thread.run_sync(self.runtime.start, spec)
@@ -164,13 +155,9 @@ class Lifecycle:
             status=SandboxStatus.RUNNING,
             started_at=self.shared.clock(),
             runtime=dict(handle),
-            image_source=source,
+            image_source=root.source,
+            request={**request, "image": root.image} if root.image else request,
         )
-
-    def _image_rootfs(self, image: str) -> Path | None:
-        images = self.shared.settings.data_dir / "images"
-        candidate = images / _IMAGE_DIR_NAME.sub("_", image)
-        return candidate if (candidate / "usr").is_dir() else None
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         record = self.store.get(sandbox_id)

@@ -27,7 +27,7 @@ from anyio.abc import ByteReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl.server.runtime.base import RuntimeFailure, Spawned
-from fleetctl.server.service.dataplane import DataPlane
+from fleetctl.server.service.dataplane import DataPlane, workdir
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.state import NotFound, Refused, Shared
 
@@ -75,7 +75,7 @@ class Crowded(Refused):
 class Command:
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    cwd: str
+    cwd: str | None  # None: the image's WorkingDir, else /workspace
 
 
 @dataclass(eq=False, slots=True)
@@ -192,7 +192,8 @@ class Processes:
         process = Process(sandbox_id, session_uuid or uuid.uuid4().hex, command, session_uuid)
         processes[process.key] = process
         env = {**self.shared.env.get(sandbox_id, {}), **command.env}  # the sandbox's, then its own
-        spawn = self.shared.runtime.spawn(handle, env, command.argv, cwd=command.cwd, stdin=stdin)
+        cwd = command.cwd or workdir(self.lifecycle.get(sandbox_id))
+        spawn = self.shared.runtime.spawn(handle, env, command.argv, cwd=cwd, stdin=stdin)
         reader = self._subscribe(process, owner=session_uuid is None)  # before any output
         assert self._group is not None, "processes not started"
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from fleetctl.server.images.pull import Puller
 from fleetctl.server.options import ImagePolicy
 from fleetctl.server.runtime.base import Handle, Runtime
 from fleetctl.server.store import SandboxRecord, Store, utcnow
@@ -53,6 +54,7 @@ class Shared:
     store: Store
     runtime: Runtime
     settings: Settings
+    images: Puller | None = None
     env: dict[str, dict[str, str]] = field(default_factory=dict)
     #: When each sandbox was last used through the data plane (for idle timeouts).
     used: dict[str, datetime] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from anyio.abc import ByteReceiveStream, Process
 
 from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, FileSlice
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
+from fleetctl.server.runtime.bwrap.layout import tools_argv
 
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The whole environment of every host-side process (shim, setpriv, bwrap, nsenter).
@@ -45,10 +46,10 @@ class Entry:
     cgroup: Cgroup | None
 
     def argv(self, script: str, *args: str) -> list[str]:
-        # setpriv runs inside (after nsenter -r), from the read-only /usr lower layer
+        # setpriv runs inside (after nsenter -r), from the read-only /.fleetctl
         argv = [
             self.nsenter, "-t", str(self.init_pid), "-a", "-r",
-            "/usr/bin/setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            *tools_argv("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"),
             "/bin/sh", "-c", script, "sh", *args,
         ]  # fmt: skip
         return in_cgroup(self.cgroup, argv)

@@ -1,22 +1,35 @@
 """A bubblewrap sandbox's files on the host: its directories and overlay layers, the bwrap
 arguments that mount them, and a bwrap binary the sandbox users can execute.
 
-Only /workspace, the overlay work dirs and the /usr/local tree belong to the
-sandbox's uid: /etc and the rest of /usr stay root's, so a sandbox cannot plant an
-ld.so cache or preload that tools entering it (setpriv runs with namespace caps
-for a moment) would load.
+On the host's root filesystem, only /workspace, the overlay work dirs and the /usr/local
+tree belong to the sandbox's uid: /etc and the rest of /usr stay root's. On an image, the
+whole root is the sandbox's (its layers are shown through an idmapped mount, their root's
+files as the sandbox root's), so root inside can install into the image's own
+directories as in a container. Either way the tools that enter a sandbox (setpriv holds
+namespace capabilities for a moment) come from /.fleetctl, read-only, with their own
+loader and libraries, never from the sandbox's files; the image's /etc/ld.so.preload is
+covered by an empty read-only file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from fleetctl.server.runtime.base import LaunchSpec, RuntimeFailure
+from fleetctl.server.runtime.base import ImageLayers, LaunchSpec, RuntimeFailure
+from fleetctl.server.runtime.bwrap.idmap import mount_idmapped, unmount
 
 #: Host directories shown read-only (with a private writable layer) in host-root sandboxes.
 HOST_LOWERS = ("usr", "etc")
+#: The sandbox's writable layer over an image's root (under `upper/` and `work/`).
+IMAGE_ROOT = "root"
+#: Where the tools that commands enter through are shown inside every sandbox.
+TOOLS_MOUNT = "/.fleetctl"
 #: Created in the upper layer, owned by the sandbox, so that root inside can
 #: install into them (e.g. `pip install`) although the host's copies are root's.
 WRITABLE_DIRS = (
@@ -58,7 +71,13 @@ def layer_dir(home: Path, index: int) -> Path:
     return home / f"l{index}"
 
 
-def make_home(home: Path, rootfs: Path | None, uid: int, layers: int = 0) -> None:
+def image_dir(home: Path) -> Path:
+    """Where the image store is mounted (idmapped: its root's files as the sandbox's root's)
+    while bwrap starts; short, because every lower dir's path goes into one mount option."""
+    return home / "L"
+
+
+def make_home(home: Path, image: ImageLayers | None, uid: int, layers: int = 0) -> None:
     """Make a sandbox's directories and overlay layers under `home`, owned as the module
     docstring says (and a mount point for each of `layers` checkpoint layers)."""
     home.mkdir(mode=0o700)
@@ -67,64 +86,101 @@ def make_home(home: Path, rootfs: Path | None, uid: int, layers: int = 0) -> Non
         owned.append(home / "work" / "workspace")
     for index in range(layers):
         layer_dir(home, index).mkdir()
-    for name in HOST_LOWERS:
-        (home / "upper" / name).mkdir(parents=True)
-        owned.append(home / "work" / name)
-    for name in WRITABLE_DIRS:
-        (home / "upper" / name).mkdir(parents=True, exist_ok=True)
-        owned.append(home / "upper" / name)
-    lower = rootfs or Path("/")
-    if not (lower / "usr/bin/python").exists() and (lower / "usr/bin/python3").exists():
-        # Debian's root has only python3; images and guides say `python`
-        alias = home / "upper/usr/local/bin/python"
-        alias.symlink_to("/usr/bin/python3")
-        owned.append(alias)
+    if image is not None:
+        image_dir(home).mkdir()
+        owned += [home / "upper", home / "upper" / IMAGE_ROOT, home / "work" / IMAGE_ROOT]
+    else:
+        _host_layers(home, owned)
     for path in owned:
         if not path.is_symlink():
             path.mkdir(parents=True, exist_ok=True)
         os.lchown(path, uid, uid)
 
 
-def bwrap_args(spec: LaunchSpec, home: Path) -> list[str]:
+def _host_layers(home: Path, owned: list[Path]) -> None:
+    for name in HOST_LOWERS:
+        (home / "upper" / name).mkdir(parents=True)
+        owned.append(home / "work" / name)
+    for name in WRITABLE_DIRS:
+        (home / "upper" / name).mkdir(parents=True, exist_ok=True)
+        owned.append(home / "upper" / name)
+    if not Path("/usr/bin/python").exists() and Path("/usr/bin/python3").exists():
+        # Debian's root has only python3; images and guides say `python`
+        alias = home / "upper/usr/local/bin/python"
+        alias.symlink_to("/usr/bin/python3")
+        owned.append(alias)
+
+
+def bwrap_args(spec: LaunchSpec, home: Path, tools: Path) -> list[str]:
     """What bwrap mounts and unshares for the sandbox `spec` whose files are in `home`.
 
     Checkpoint layers (mounted at `layer_dir`) go between the root filesystem and the
-    sandbox's own writable layer, and under its workspace, which is then an overlay too."""
+    sandbox's own writable layer, and under its workspace, which is then an overlay too.
+    `tools` (what commands enter through) is shown read-only at /.fleetctl."""
     layers = [layer_dir(home, i) for i in range(len(spec.layers))]
     # --disable-userns: no nested user namespace in which to regain capabilities
     args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
             "--new-session", "--clearenv", "--hostname", spec.id[:63]]  # fmt: skip
     if spec.network:
         args.append("--share-net")
-    lower_root = spec.rootfs or Path("/")
-    for name in HOST_LOWERS:
-        for lower in (lower_root, *(layer / "upper" for layer in layers)):
-            args += ["--overlay-src", str(lower / name)]
-        args += ["--overlay", str(home / "upper" / name), str(home / "work" / name), f"/{name}"]
-    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
-        if (lower_root / name).is_symlink():
-            args += ["--symlink", os.readlink(lower_root / name), f"/{name}"]
-    args += [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/root",
-        "--tmpfs",
-        "/run",
-        "--dir",
-        "/var/tmp",
-    ]
+    workdir = "/workspace"
+    if spec.image is not None:
+        for key in spec.image.layers:
+            args += ["--overlay-src", str(image_dir(home) / key)]
+        for layer in layers:
+            args += ["--overlay-src", str(layer / "upper" / IMAGE_ROOT)]
+        # The image's /etc is the sandbox's to write: an ld.so.preload planted there would
+        # load into the tools that enter it while they still hold namespace capabilities.
+        args += ["--overlay", str(home / "upper" / IMAGE_ROOT), str(home / "work" / IMAGE_ROOT),
+                 "/", "--proc", "/proc", "--dev", "/dev",
+                 "--ro-bind", "/dev/null", "/etc/ld.so.preload"]  # fmt: skip
+        workdir = spec.image.workdir or workdir
+    else:
+        args += _host_root(home, layers)
+    args += ["--ro-bind", str(tools), TOOLS_MOUNT]
     for layer in layers:
         args += ["--overlay-src", str(layer / "workspace")]
     if layers:
         args += ["--overlay", str(home / "workspace"), str(home / "work" / "workspace")]
     else:
         args += ["--bind", str(home / "workspace")]
-    return [*args, "/workspace", "--chdir", "/workspace"]
+    return [*args, "/workspace", "--dir", workdir, "--chdir", workdir]
+
+
+def _host_root(home: Path, layers: list[Path]) -> list[str]:
+    """The host's /usr and /etc under the sandbox's writable layers, private tmpfs dirs."""
+    args: list[str] = []
+    root = Path("/")
+    for name in HOST_LOWERS:
+        for lower in (root, *(layer / "upper" for layer in layers)):
+            args += ["--overlay-src", str(lower / name)]
+        args += ["--overlay", str(home / "upper" / name), str(home / "work" / name), f"/{name}"]
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        if (root / name).is_symlink():
+            args += ["--symlink", os.readlink(root / name), f"/{name}"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for directory in ("/tmp", "/root", "/run"):
+        args += ["--tmpfs", directory]
+    return [*args, "--dir", "/var/tmp"]
+
+
+@contextlib.contextmanager
+def layers_mounted(spec: LaunchSpec, home: Path, uid: int) -> Iterator[None]:
+    """The image's layers and the checkpoint layers, shown as the sandbox's own files,
+    while bwrap starts: overlayfs keeps private clones of its lower layers, so the
+    host's mounts go as soon as bwrap is up (none outlives a crash)."""
+    try:
+        if spec.image is not None:
+            mount_idmapped(spec.image.store, image_dir(home), owner=0, as_uid=uid)
+        for index, layer in enumerate(spec.layers):
+            mount_idmapped(Path(layer["path"]), layer_dir(home, index),
+                           owner=int(layer["owner"]), as_uid=uid)  # fmt: skip
+        yield
+    finally:
+        if spec.image is not None:
+            unmount(image_dir(home))
+        for index in range(len(spec.layers)):
+            unmount(layer_dir(home, index))
 
 
 def check_traversable(data_dir: Path) -> None:
@@ -137,3 +193,36 @@ def check_traversable(data_dir: Path) -> None:
                 f"enter (mode {parent.stat().st_mode & 0o777:o}); use a data dir such as "
                 "/var/lib/fleetctl (--data-dir or FLEETCTL_DATA_DIR)"
             )
+
+
+def install_tools(data_dir: Path, setpriv: str) -> Path:
+    """`<data dir>/tools`: the host's setpriv with its own loader and libraries, so that
+    commands enter any image (busybox, distroless, another libc) through the same binary,
+    and never through one the sandbox can write. Shown at /.fleetctl (TOOLS_MOUNT)."""
+    tools = data_dir / "tools"
+    listed = subprocess.run(["ldd", setpriv], env={"PATH": "/usr/bin:/bin"}, check=True,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    wanted = {Path(setpriv): "setpriv"}
+    for line in listed.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            wanted[Path(parts[2])] = parts[0]  # a library, under its soname
+        elif parts and parts[0].startswith("/"):
+            wanted[Path(parts[0])] = "ld.so"  # the loader
+    if "ld.so" not in wanted.values():
+        raise RuntimeFailure(f"cannot find the loader of {setpriv} in `ldd` output: {listed}")
+    staging = Path(tempfile.mkdtemp(prefix="tools-", dir=data_dir))
+    for source, name in wanted.items():
+        shutil.copy2(source.resolve(), staging / name)
+        (staging / name).chmod(0o755)
+    staging.chmod(0o755)
+    shutil.rmtree(tools, ignore_errors=True)
+    staging.rename(tools)
+    return tools
+
+
+def tools_argv(*argv: str) -> list[str]:
+    """Run the tool `argv[0]` from /.fleetctl with its own loader and libraries (not the
+    sandbox's: no ld.so.cache, and only /.fleetctl searched)."""
+    return [f"{TOOLS_MOUNT}/ld.so", "--inhibit-cache", "--library-path", TOOLS_MOUNT,
+            f"{TOOLS_MOUNT}/{argv[0]}", *argv[1:]]  # fmt: skip

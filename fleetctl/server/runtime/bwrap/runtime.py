@@ -3,9 +3,9 @@
 A sandbox is a `bwrap --unshare-all --cap-drop ALL` process tree started under
 `setpriv` as the sandbox's own host uid, so root inside maps to an unprivileged
 user outside (host files owned by root, like /etc/shadow, stay unreadable).
-Its root filesystem is the image rootfs, or the host's /usr and /etc, as
-read-only overlay lowers with a per-sandbox upper layer; /tmp, /root, /run are
-private tmpfs and /workspace is the sandbox's own directory.
+Its root filesystem is an image's layers, or the host's /usr and /etc (with private
+tmpfs /tmp, /root, /run), as read-only overlay lowers under a per-sandbox upper layer;
+/workspace is the sandbox's own directory.
 
 bwrap is started without --die-with-parent and in its own session, so a
 sandbox outlives a server that crashed; the next server finds it through the
@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,13 +42,14 @@ from fleetctl.server.runtime.base import (
 )
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
 from fleetctl.server.runtime.bwrap.host import HostReport
-from fleetctl.server.runtime.bwrap.idmap import mount_idmapped, mounts_under, unmount
+from fleetctl.server.runtime.bwrap.idmap import mounts_under, unmount
 from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, sandbox_env
 from fleetctl.server.runtime.bwrap.layout import (
     bwrap_args,
     check_traversable,
     install_bwrap,
-    layer_dir,
+    install_tools,
+    layers_mounted,
     make_home,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
@@ -110,6 +111,7 @@ class BwrapRuntime:
         self.checkpoints = data_dir / "checkpoints"
         self.checkpoints.mkdir(mode=0o700, exist_ok=True)
         self.bwrap = install_bwrap(data_dir, host.bwrap)
+        self.tools = install_tools(data_dir, self.host_tool("setpriv"))
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -133,23 +135,9 @@ class BwrapRuntime:
         """Start a sandbox and return once its main process runs (blocking)."""
         uid = UID_BASE + spec.seq % UID_SPAN
         home = self.sandbox_dir(spec.id)
-        make_home(home, spec.rootfs, uid, len(spec.layers))
-        with self._layers_mounted(spec, home, uid):
+        make_home(home, spec.image, uid, len(spec.layers))
+        with layers_mounted(spec, home, uid):
             return self._start(spec, home, uid)
-
-    @contextlib.contextmanager
-    def _layers_mounted(self, spec: LaunchSpec, home: Path, uid: int) -> Iterator[None]:
-        """The checkpoint layers, shown as the sandbox's own files, while bwrap starts:
-        overlayfs keeps private clones of its lower layers, so the host's mounts go as
-        soon as bwrap is up (none outlives a crash)."""
-        try:
-            for index, layer in enumerate(spec.layers):
-                mount_idmapped(Path(layer["path"]), layer_dir(home, index),
-                               owner=int(layer["owner"]), as_uid=uid)  # fmt: skip
-            yield
-        finally:
-            for index in range(len(spec.layers)):
-                unmount(layer_dir(home, index))
 
     def _start(self, spec: LaunchSpec, home: Path, uid: int) -> Handle:
         meta = self.meta / spec.id
@@ -178,7 +166,7 @@ class BwrapRuntime:
             "0",
             "--gid",
             "0",
-            *bwrap_args(spec, home),
+            *bwrap_args(spec, home, self.tools),
             "--args",
             str(args_r),
             "--info-fd",
@@ -278,7 +266,8 @@ class BwrapRuntime:
         for pid in paused:  # a consistent copy: nothing writes while it is taken
             _signal(pid, signal.SIGSTOP)
         try:
-            for part in ("upper/usr", "upper/etc", "workspace"):
+            parts = [str(p.relative_to(home)) for p in (home / "upper").iterdir()]
+            for part in [*parts, "workspace"]:
                 subprocess.run([self.host_tool("cp"), "-a", "--reflink=auto",
                                 str(home / part), str(into / part)],
                                env=HOST_ENV, check=True, capture_output=True)  # fmt: skip

@@ -1,0 +1,31 @@
+"""A loopback registry for the image tests, and a server that pulls from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Server, own_server, traversable_dir
+from tests.images.registry import Registry, local_registry
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    with traversable_dir() as base, local_registry(base) as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def puller(registry: Registry) -> Iterator[Server]:
+    """A server that pulls (no fallback) and speaks plain HTTP to the test registry."""
+    with own_server("--image-policy", "pull", "--insecure-registry", registry.host,
+                    "--image-max-gb", "0.05") as (info, _):  # fmt: skip
+        yield info
+
+
+@pytest.fixture
+def api(puller: Server) -> Iterator[httpx.Client]:
+    with puller.client() as client:
+        yield client

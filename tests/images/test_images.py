@@ -1,0 +1,226 @@
+"""Real images from a real registry: pulled, stored by digest, run as the sandbox's root.
+
+Every image here is built by the test and pushed to Debian's docker-registry on loopback;
+the server pulls it like any other (plain HTTP by --insecure-registry, no fallback).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
+from fleetctl.sandboxes.errors import SandboxImagePullError
+from tests.conftest import Server, own_server, wait_for
+from tests.images.registry import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Layer,
+    Registry,
+    busybox_layer,
+    digest_of,
+    free_port,
+)
+
+pytestmark = pytest.mark.usefixtures("puller")
+
+
+@pytest.fixture
+def sdk(puller: Server) -> Iterator[SandboxClient]:
+    """A client of the pulling server; the test's sandboxes are deleted after it."""
+    client = SandboxClient(APIClient(api_key=puller.token, base_url=puller.url))
+    yield client
+    live = [s.id for s in client.list(per_page=100).sandboxes if s.status != "TERMINATED"]
+    if live:
+        client.bulk_delete(sandbox_ids=live)
+    client.close()
+
+
+def run(sdk: SandboxClient, image: str) -> str:
+    sandbox = sdk.create(CreateSandboxRequest(name="img", docker_image=image))
+    sdk.wait_for_creation(sandbox.id)
+    return sandbox.id
+
+
+def sh(sdk: SandboxClient, sandbox_id: str, command: str) -> str:
+    result = sdk.execute_command(sandbox_id, command)
+    assert result.exit_code == 0, (command, result.stdout, result.stderr)
+    return result.stdout
+
+
+def test_a_busybox_image_runs_its_own_root_with_its_config(
+    sdk: SandboxClient, registry: Registry, puller: Server
+) -> None:
+    digest = registry.push(
+        "tests/bb", "1", [busybox_layer(), Layer().dir("app").file("etc/motd", b"from image\n")],
+        config={"Env": ["GREETING=hello", "PATH=/bin"], "WorkingDir": "/app"},
+    )  # fmt: skip
+    sandbox_id = run(sdk, f"{registry.host}/tests/bb:1")
+    assert sh(sdk, sandbox_id, "cat /etc/motd") == "from image\n"
+    absent = sdk.execute_command(sandbox_id, "ls /usr/bin/python3")
+    assert absent.exit_code != 0  # the host's tools are not there
+    assert sh(sdk, sandbox_id, "echo $GREETING; pwd") == "hello\n/app\n"
+    # root inside can write the image's own directories, /tmp and /root
+    sh(sdk, sandbox_id, "touch /bin/new /etc/new /tmp/t /root/r && ls /bin/new /root/r")
+    with puller.client() as api:
+        record = api.get(f"/sandbox/{sandbox_id}").json()
+    assert digest in record["imageSource"]
+
+
+def test_whiteouts_opaque_dirs_links_and_devices(sdk: SandboxClient, registry: Registry) -> None:
+    lower = (Layer().dir("data").file("data/keep", b"k").file("data/gone", b"g")
+             .dir("opq").file("opq/old", b"o").file("target", b"T"))  # fmt: skip
+    upper = (Layer().whiteout("data/gone").opaque("opq").file("opq/new", b"n")
+             .file("linked", b"L").hardlink("linked2", "linked").device("dev-node")
+             .symlink("abs", "/target").symlink("rel", "data/keep"))  # fmt: skip
+    registry.push("tests/layers", "1", [busybox_layer(), lower, upper])
+    sandbox_id = run(sdk, f"{registry.host}/tests/layers:1")
+    assert sh(sdk, sandbox_id, "ls /data; ls /opq") == "keep\nnew\n"
+    assert sh(sdk, sandbox_id, "stat -c %i /linked /linked2 | uniq | wc -l").strip() == "1"
+    assert sh(sdk, sandbox_id, "cat /abs /rel; ls /dev-node 2>&1 || true").startswith("Tk")
+    assert "No such file" in sh(sdk, sandbox_id, "ls /dev-node 2>&1 || true")
+
+
+def test_an_index_resolves_to_the_host_arch_and_zstd_layers_unpack(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    mine = registry.push("tests/multi", "amd64", [busybox_layer(), Layer().file("arch", b"amd64")])
+    other = registry.push("tests/multi", "arm64", [busybox_layer(), Layer().file("arch", b"arm64")],
+                          arch="arm64")  # fmt: skip
+    registry.push_index("tests/multi", "1", {"amd64": mine, "arm64": other})
+    zstd = Layer(compression="zstd").file("zstd-file", b"z")
+    registry.push("tests/zstd", "1", [busybox_layer(), zstd])
+    assert sh(sdk, run(sdk, f"{registry.host}/tests/multi:1"), "cat /arch") == "amd64"
+    assert sh(sdk, run(sdk, f"{registry.host}/tests/zstd:1"), "cat /zstd-file") == "z"
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "reason"),
+    [
+        ("escape", Layer().file("../../etc/fleetctl-escape", b"x"), "'..'"),
+        ("absolute", Layer().file("/abs-escape", b"x"), "absolute"),
+        ("through-symlink", Layer().symlink("etc2", "/etc").file("etc2/fleetctl-x", b"x"),
+         "symlink"),
+        ("bomb", Layer().file("zeros", bytes(80 << 20)), "more than"),
+    ],
+)  # fmt: skip
+def test_hostile_layers_fail_the_pull_and_write_nothing_outside(
+    sdk: SandboxClient, registry: Registry, puller: Server, name: str, layer: Layer, reason: str
+) -> None:
+    registry.push(f"tests/hostile-{name}", "1", [busybox_layer(), layer])
+    sandbox = sdk.create(
+        CreateSandboxRequest(name=name, docker_image=f"{registry.host}/tests/hostile-{name}:1")
+    )
+    with pytest.raises(SandboxImagePullError) as failed:
+        sdk.wait_for_creation(sandbox.id)
+    assert reason in str(failed.value)
+    for outside in ("/etc/fleetctl-escape", "/abs-escape", "/etc/fleetctl-x"):
+        assert not Path(outside).exists()
+    assert list((puller.data_dir / "images" / "layers").glob("tmp-*")) == []
+
+
+def test_a_missing_image_and_a_lying_config_fail_with_the_reason(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    sandbox = sdk.create(
+        CreateSandboxRequest(name="m", docker_image=f"{registry.host}/tests/none:1")
+    )
+    with pytest.raises(SandboxImagePullError, match="not found"):
+        sdk.wait_for_creation(sandbox.id)
+
+
+def test_concurrent_creates_pull_once_and_images_share_base_layers(
+    sdk: SandboxClient, registry: Registry, puller: Server
+) -> None:
+    base, one = busybox_layer(), Layer().file("one", b"1")
+    registry.push("tests/once", "1", [base, one])
+    registry.push("tests/twice", "1", [base, Layer().file("two", b"2")])
+    store = puller.data_dir / "images" / "layers"
+    before = {p.name for p in store.iterdir()}
+    names = [*(["once"] * 4), "twice"]
+    ids = [sdk.create(CreateSandboxRequest(name=f"c{i}", docker_image=image)).id
+           for i, image in enumerate(f"{registry.host}/tests/{n}:1" for n in names)]  # fmt: skip
+    sdk.bulk_wait_for_creation(ids)
+    assert sh(sdk, ids[0], "cat /one") == "1"
+    assert sh(sdk, ids[-1], "cat /two") == "2"
+    one_blob = digest_of(one.blob()[0])
+    assert registry.blob_gets().get(one_blob) == 1  # four creates at once, one download
+    _, _, base_diff = base.blob()
+    added = {p.name for p in store.iterdir()} - before
+    assert added <= {
+        base_diff[7:23],
+        digest_of(one.tar())[7:23],
+        digest_of(Layer().file("two", b"2").tar())[7:23],
+    }
+    assert (store / base_diff[7:23]).is_dir()  # the shared base: one directory for both
+
+
+def test_a_config_that_lies_about_its_layers_fails_the_pull(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    layer_data, media_type, _ = busybox_layer().blob()
+    blob = registry.put_blob("tests/liar", layer_data)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]},
+        }
+    ).encode()
+    config_digest = registry.put_blob("tests/liar", config)
+    registry.put_manifest("tests/liar", "1", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": media_type, "digest": blob, "size": len(layer_data)}],
+    })  # fmt: skip
+    registry.put_blob("tests/short", config)
+    registry.put_manifest("tests/short", "1", {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": media_type, "digest": registry.put_blob("tests/short", layer_data),
+                    "size": 1000}],
+    })  # fmt: skip
+    for name, reason in (("liar", "not the diff_id"), ("short", "longer than")):
+        image = f"{registry.host}/tests/{name}:1"
+        sandbox = sdk.create(CreateSandboxRequest(name=name, docker_image=image))
+        with pytest.raises(SandboxImagePullError, match=reason):
+            sdk.wait_for_creation(sandbox.id)
+
+
+def test_an_unreachable_registry_fails_under_pull_and_falls_back_loudly_under_pull_or_host(
+    sdk: SandboxClient,
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}/tests/gone:1"
+    sandbox = sdk.create(CreateSandboxRequest(name="u", docker_image=nowhere))
+    with pytest.raises(SandboxImagePullError, match="cannot reach the registry"):
+        sdk.wait_for_creation(sandbox.id)
+    with own_server("--image-policy", "pull-or-host") as (server, _), server.client() as api:
+        created = api.post("/sandbox", json={"name": "f", "docker_image": nowhere}).json()
+        record = wait_for(api, created["id"], "RUNNING")
+        assert record["imageSource"].startswith("host root filesystem")
+        assert "FALLBACK" in record["imageSource"]
+        logs = api.get(f"/sandbox/{created['id']}/logs").json()["logs"]
+        assert "WARNING: image" in logs
+        assert "was not pulled" in logs
+        api.delete(f"/sandbox/{created['id']}")
+
+
+def test_a_checkpoint_of_an_image_sandbox_restores_onto_the_same_image(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    registry.push("tests/ckpt", "1", [busybox_layer(), Layer().file("etc/motd", b"image\n")])
+    source = run(sdk, f"{registry.host}/tests/ckpt:1")
+    sh(sdk, source, "echo changed > /etc/motd && echo w > /workspace/w && rm /bin/grep")
+    checkpoint = sdk.wait_for_checkpoint(sdk.checkpoint(source).id)
+    restored = sdk.create(CreateSandboxRequest(name="r", checkpoint_id=checkpoint.id))
+    sdk.wait_for_creation(restored.id)
+    assert sh(sdk, restored.id, "cat /etc/motd /workspace/w; ls /bin/grep 2>&1 || true") == (
+        "changed\nw\nls: /bin/grep: No such file or directory\n"
+    )
+    sdk.delete(restored.id)
+    sdk.delete(source)
+    sdk.delete_checkpoint(checkpoint.id)
