@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tarfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,10 @@ class Registry:
     url: str  # http://127.0.0.1:PORT
     host: str  # 127.0.0.1:PORT
     log: Path
+    auth: tuple[str, str] | None = None  # what the tests push with (htpasswd registries)
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, auth=self.auth)
 
     def blob_gets(self) -> dict[str, int]:
         """How many times each blob was downloaded (GET), from the registry's log."""
@@ -134,7 +139,7 @@ class Registry:
 
     def put_blob(self, repository: str, data: bytes) -> str:
         digest = digest_of(data)
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with self.client() as client:
             if client.head(f"/v2/{repository}/blobs/{digest}").status_code == 200:
                 return digest
             started = client.post(f"/v2/{repository}/blobs/uploads/")
@@ -148,7 +153,7 @@ class Registry:
 
     def put_manifest(self, repository: str, reference: str, body: dict[str, Any]) -> str:
         data = json.dumps(body).encode()
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with self.client() as client:
             response = client.put(f"/v2/{repository}/manifests/{reference}", content=data,
                                   headers={"Content-Type": body["mediaType"]})  # fmt: skip
             assert response.status_code == 201, response.text
@@ -182,7 +187,7 @@ class Registry:
         """An index over manifests already pushed: {arch: manifest digest}."""
         entries = []
         for arch, digest in platforms.items():
-            with httpx.Client(base_url=self.url) as client:
+            with self.client() as client:
                 size = len(client.get(f"/v2/{repository}/manifests/{digest}",
                                       headers={"Accept": OCI_MANIFEST}).content)  # fmt: skip
             entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
@@ -198,8 +203,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_registry(base: Path, htpasswd: Path | None = None) -> Iterator[Registry]:
-    """docker-registry on 127.0.0.1 (its own config, storage under `base`), stopped by PID."""
+def local_registry(base: Path, user: tuple[str, str] | None = None) -> Iterator[Registry]:
+    """docker-registry on 127.0.0.1 (its own config, storage under `base`), stopped by PID;
+    with `user`, it asks for that user's password (htpasswd, bcrypt)."""
     port = free_port()
     config = {
         "version": 0.1,
@@ -208,8 +214,14 @@ def local_registry(base: Path, htpasswd: Path | None = None) -> Iterator[Registr
                     "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}"},
     }  # fmt: skip
-    if htpasswd is not None:
-        config["auth"] = {"htpasswd": {"realm": "tests", "path": str(htpasswd)}}
+    if user is not None:
+        with warnings.catch_warnings():  # the crypt module is deprecated; bcrypt is all we need
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # noqa: PLC0415
+
+            hashed = crypt.crypt(user[1], crypt.mksalt(crypt.METHOD_BLOWFISH))
+        (base / "htpasswd").write_text(f"{user[0]}:{hashed}\n")
+        config["auth"] = {"htpasswd": {"realm": "tests", "path": str(base / "htpasswd")}}
     (base / "registry.yml").write_text(json.dumps(config))  # JSON is YAML
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen([REGISTRY, "serve", str(base / "registry.yml")],
@@ -224,7 +236,7 @@ def local_registry(base: Path, htpasswd: Path | None = None) -> Iterator[Registr
                     break
             assert time.monotonic() < deadline, "the registry did not answer within 30s"
             time.sleep(0.05)
-        yield Registry(url, f"127.0.0.1:{port}", base / "registry.log")
+        yield Registry(url, f"127.0.0.1:{port}", base / "registry.log", user)
     finally:
         process.terminate()
         try:
