@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import typer
 
-from fleetctl.cli import fleet, output, sandbox, server  # noqa: F401 - they register their commands
+from fleetctl.cli import fleet, image, output, sandbox, server  # noqa: F401 - they register their commands
 from fleetctl.cli.app import app
 from fleetctl.cli.exits import Outcome, exit_code
 

@@ -22,7 +22,7 @@ from fleetctl import __version__
 from fleetctl.server.asgi import DATA_PREFIX
 from fleetctl.server.faults import FaultMiddleware, parse_faults
 from fleetctl.server.ratelimit import RateLimitMiddleware, parse_rate_limits
-from fleetctl.server.routes import control, gateway
+from fleetctl.server.routes import control, gateway, images
 from fleetctl.server.routes.connect import ConnectGateway
 from fleetctl.server.routes.deps import Unauthorized
 from fleetctl.server.service import (
@@ -82,7 +82,7 @@ def create_app(
     for kind in STATUSES:
         app.add_exception_handler(kind, _detail)
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
-    for router in (control.public, control.router, gateway.router):
+    for router in (control.public, images.router, control.router, gateway.router):
         app.include_router(router)
     app.state.command_session = ConnectGateway(service) if command_session else None
     if app.state.command_session:  # after the gateway's REST routes, which it must not shadow

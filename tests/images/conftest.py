@@ -10,6 +10,11 @@ import pytest
 from tests.conftest import Server, own_server, traversable_dir
 from tests.images.registry import Registry, local_registry
 
+#: Registries other than the test's (on loopback) are reached through a proxy that
+#: refuses every connection: nothing goes to the internet, and such pulls are Unreachable.
+NO_INTERNET = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[Registry]:
@@ -21,7 +26,7 @@ def registry() -> Iterator[Registry]:
 def puller(registry: Registry) -> Iterator[Server]:
     """A server that pulls (no fallback) and speaks plain HTTP to the test registry."""
     with own_server("--image-policy", "pull", "--insecure-registry", registry.host,
-                    "--image-max-gb", "0.05") as (info, _):  # fmt: skip
+                    "--image-max-gb", "0.05", env=NO_INTERNET) as (info, _):  # fmt: skip
         yield info
 
 

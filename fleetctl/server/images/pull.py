@@ -51,6 +51,10 @@ class Image:
     config: dict[str, Any]
 
 
+class PullInProgress(Exception):
+    """A pull is under way: its layers are not referenced yet, so nothing is pruned."""
+
+
 class Puller:
     def __init__(self, store: Store, registry: Registry, *, max_unpacked: int) -> None:
         self.store, self.registry, self.max_unpacked = store, registry, max_unpacked
@@ -65,8 +69,14 @@ class Puller:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.registry.close()
 
+    def image(self, name: str) -> Image:
+        """The stored image `name`, else pulled (as Docker's and Kubernetes' default policy:
+        a stored tag is not resolved again; `pull` does that)."""
+        stored = self.store.find(str(parse(name)))
+        return self._image(stored) if stored is not None else self.pull(name)
+
     def pull(self, name: str) -> Image:
-        """The image `name`, pulled if the store lacks it (a tag is resolved each time)."""
+        """The image `name` from its registry (a tag resolved again), pulled into the store."""
         ref = parse(name)
         future, mine = self._claim(self._images, str(ref))
         if not mine:
@@ -84,10 +94,12 @@ class Puller:
             with self._lock:
                 self._images.pop(str(ref), None)
 
-    def cached(self, name: str) -> Image | None:
-        """The stored image `name` without asking any registry (None if not stored)."""
-        record = self.store.find(str(parse(name)))
-        return self._image(record) if record else None
+    def prune(self, keep_layers: set[str]) -> tuple[int, int]:
+        """Remove unused layers (see `Store.prune`); PullInProgress while a pull runs."""
+        with self._lock:
+            if self._images or self._layers:
+                raise PullInProgress("an image is being pulled; prune again once it is done")
+            return self.store.prune(keep_layers)
 
     # -- the pull itself -----------------------------------------------------------
 

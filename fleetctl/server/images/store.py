@@ -121,6 +121,31 @@ class Store:
         with self._lock:
             return self._index.layer_sizes.get(diff_id, 0)
 
+    def remove(self, name: str) -> ImageRecord | None:
+        """Forget the image stored under reference or digest `name` (its layers stay until
+        `prune`); the record removed, or None."""
+        record = self.find(name)
+        if record is None:
+            return None
+        with self._lock:
+            self._index.images.pop(record.digest, None)
+            self._save()
+        return record
+
+    def prune(self, keep_layers: set[str]) -> tuple[int, int]:
+        """Remove layer directories no stored image and none of `keep_layers` (diff_ids of
+        running sandboxes) uses; (layers removed, bytes freed)."""
+        with self._lock:
+            used = {d for r in self._index.images.values() for d in r.layers} | keep_layers
+            wanted = {layer_key(d) for d in used}
+            unused = [d for d in self._index.layer_sizes if layer_key(d) not in wanted]
+            freed = sum(self._index.layer_sizes.pop(d) for d in unused)
+            self._save()
+        for directory in self.layers.iterdir():
+            if directory.name not in wanted and not directory.name.startswith("tmp-"):
+                shutil.rmtree(directory, ignore_errors=True)
+        return len(unused), freed
+
     # -- the index file ------------------------------------------------------------
 
     def _load(self) -> Index:

@@ -21,12 +21,14 @@ from fleetctl.server import api
 from fleetctl.server.images.pull import Puller
 from fleetctl.server.runtime.base import Runtime
 from fleetctl.server.service.adoption import Adoption
-from fleetctl.server.service.checkpoints import Busy, Checkpoints
+from fleetctl.server.service.checkpoints import Checkpoints
 from fleetctl.server.service.dataplane import DataPlane
+from fleetctl.server.service.images import Images
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
 from fleetctl.server.service.processes import Processes
 from fleetctl.server.service.state import (
+    Busy,
     NotFound,
     NotRunning,
     Refused,
@@ -55,6 +57,7 @@ class SandboxService:
         self.processes = Processes(self.shared, self.sandboxes, self.data)
         self.checkpoints = Checkpoints(self.shared, self.sandboxes)
         self.adoption = Adoption(self.shared, self.sandboxes)
+        self.images = Images(self.shared)
 
     @property
     def store(self) -> Store:

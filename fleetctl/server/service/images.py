@@ -14,13 +14,16 @@ that pulls.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 
-from fleetctl.server.images.pull import Image, Puller
-from fleetctl.server.images.reference import BadReference
+from fleetctl.server.images.importer import import_archive
+from fleetctl.server.images.pull import Image, Puller, PullInProgress
+from fleetctl.server.images.reference import BadReference, parse
 from fleetctl.server.images.registry import PullError, Unreachable
 from fleetctl.server.runtime.base import ImageLayers
+from fleetctl.server.service.state import Busy, NotFound, Refused, Shared, Unsupported
 
 HOST_SOURCE = "host root filesystem (read-only lower layer)"
 
@@ -48,7 +51,7 @@ async def root_for(puller: Puller | None, policy: str, name: str) -> RootFs:
     if puller is None:
         raise ImageFailed(f"cannot pull {name}: this server has no image store")
     try:
-        image = await anyio.to_thread.run_sync(puller.pull, name, abandon_on_cancel=True)
+        image = await anyio.to_thread.run_sync(puller.image, name, abandon_on_cancel=True)
     except BadReference as exc:
         raise ImageFailed(str(exc)) from None
     except Unreachable as exc:
@@ -81,3 +84,81 @@ def _from_image(puller: Puller, image: Image) -> RootFs:
             f"WARNING: image user {user!r} is not supported yet: commands run as the sandbox's root"
         )
     return RootFs(layers, f"image {image.ref} ({image.digest})", env, recorded, warning)
+
+
+class Images:
+    """The image store as the API shows it: list, pull, remove, prune, import."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    @property
+    def puller(self) -> Puller:
+        if self.shared.images is None:
+            raise Unsupported("this server has no image store")
+        return self.shared.images
+
+    def in_use(self) -> dict[str, int]:
+        """Image digest → sandboxes not yet ended that run it."""
+        counts: dict[str, int] = {}
+        for record in self.shared.store.query(active_only=True)[0]:
+            digest = (record.request.get("image") or {}).get("digest")
+            if digest:
+                counts[digest] = counts.get(digest, 0) + 1
+        return counts
+
+    def listing(self) -> list[dict[str, object]]:
+        store, using = self.puller.store, self.in_use()
+        records = store.images()
+        users: dict[str, int] = {}
+        for record in records:
+            for diff_id in record.layers:
+                users[diff_id] = users.get(diff_id, 0) + 1
+        return [
+            {"refs": r.refs, "digest": r.digest, "pulled_at": r.pulled_at,
+             "size": sum(store.layer_size(d) for d in r.layers),
+             "shared_size": sum(store.layer_size(d) for d in r.layers if users[d] > 1),
+             "layers": len(r.layers), "sandboxes": using.get(r.digest, 0)}
+            for r in sorted(records, key=lambda r: r.refs[:1] or [r.digest])
+        ]  # fmt: skip
+
+    async def pull(self, name: str) -> dict[str, object]:
+        try:
+            image = await anyio.to_thread.run_sync(self.puller.pull, name)
+        except (BadReference, PullError) as exc:
+            raise Refused(f"cannot pull {name}: {exc}") from None
+        return {"refs": [image.ref], "digest": image.digest, "layers": len(image.layers)}
+
+    def remove(self, name: str) -> dict[str, object]:
+        store = self.puller.store
+        try:
+            found = store.find(name) or store.find(str(parse(name)))
+        except BadReference as exc:
+            raise Refused(str(exc)) from None
+        if found is None:
+            raise NotFound(f"no image {name} in the store")
+        if self.in_use().get(found.digest):
+            raise Busy(f"image {name} is used by running sandboxes: delete them first")
+        store.remove(found.digest)
+        return {"removed": found.refs or [found.digest], "digest": found.digest}
+
+    def prune(self) -> dict[str, int]:
+        keep = set()
+        for record in self.shared.store.query(active_only=True)[0]:
+            digest = (record.request.get("image") or {}).get("digest")
+            stored = self.puller.store.find(digest) if digest else None
+            keep |= set(stored.layers if stored else ())
+        try:
+            layers, freed = self.puller.prune(keep)
+        except PullInProgress as exc:
+            raise Busy(str(exc)) from None
+        return {"layers_removed": layers, "bytes_freed": freed}
+
+    async def import_archive(self, archive: Path) -> list[dict[str, object]]:
+        try:
+            records = await anyio.to_thread.run_sync(
+                import_archive, archive, self.puller.store, self.puller.max_unpacked
+            )
+        except PullError as exc:
+            raise Refused(f"cannot import the archive: {exc}") from None
+        return [{"refs": r.refs, "digest": r.digest, "layers": len(r.layers)} for r in records]

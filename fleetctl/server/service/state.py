@@ -33,6 +33,11 @@ class Refused(Exception):
     """A request this host cannot honour, or that conflicts with current state."""
 
 
+class Busy(Exception):
+    """In use: a checkpoint (pending, restored by a live sandbox, or a parent), an image
+    (run by live sandboxes), a store being written."""
+
+
 class Unsupported(Exception):
     """A feature of the sandbox API this server does not offer (volumes, LAN networks...)."""
 

@@ -1,0 +1,51 @@
+"""The local server's image store, /api/v1/_fleetctl/images (what `fleetctl image` uses):
+list, pull, remove, prune, and import an archive streamed in the request body."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from fleetctl.server.asgi import CONTROL_PREFIX
+from fleetctl.server.routes.deps import Service, api_key
+
+router = APIRouter(prefix=f"{CONTROL_PREFIX}/_fleetctl/images", dependencies=[Depends(api_key)])
+
+
+class PullImage(BaseModel):
+    name: str
+
+
+@router.get("")
+def list_images(service: Service) -> dict[str, Any]:
+    return {"images": service.images.listing()}
+
+
+@router.post("/pull")
+async def pull_image(service: Service, body: PullImage) -> dict[str, Any]:
+    return await service.images.pull(body.name)
+
+
+@router.post("/prune")
+def prune_images(service: Service) -> dict[str, int]:
+    return service.images.prune()
+
+
+@router.post("/import")
+async def import_images(service: Service, request: Request) -> dict[str, Any]:
+    """The request body is one tar: an OCI image layout or a `docker save` archive."""
+    store = service.images.puller.store
+    with tempfile.NamedTemporaryFile(dir=store.layers, prefix="tmp-upload-") as spool:
+        async for chunk in request.stream():
+            spool.write(chunk)
+        spool.flush()
+        return {"images": await service.images.import_archive(Path(spool.name))}
+
+
+@router.delete("/{name:path}")
+def remove_image(service: Service, name: str) -> dict[str, Any]:
+    return service.images.remove(name)
