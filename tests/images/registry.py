@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import zstandard
 
+from tests.images.token_auth import BearerFlow, TokenService
+
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 BUSYBOX = Path("/bin/busybox")
 #: Applets linked in the busybox base layer (what sandboxes and these tests run).
@@ -122,7 +124,7 @@ class Registry:
     url: str  # http://127.0.0.1:PORT
     host: str  # 127.0.0.1:PORT
     log: Path
-    auth: tuple[str, str] | None = None  # what the tests push with (htpasswd registries)
+    auth: tuple[str, str] | httpx.Auth | None = None  # what the tests push with
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, auth=self.auth)
@@ -203,9 +205,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_registry(base: Path, user: tuple[str, str] | None = None) -> Iterator[Registry]:
+def local_registry(
+    base: Path, user: tuple[str, str] | None = None, token: TokenService | None = None
+) -> Iterator[Registry]:
     """docker-registry on 127.0.0.1 (its own config, storage under `base`), stopped by PID;
-    with `user`, it asks for that user's password (htpasswd, bcrypt)."""
+    with `user`, it asks for that user's password (htpasswd, bcrypt); with `token`, for
+    tokens of that token service (Bearer)."""
     port = free_port()
     config = {
         "version": 0.1,
@@ -222,6 +227,8 @@ def local_registry(base: Path, user: tuple[str, str] | None = None) -> Iterator[
             hashed = crypt.crypt(user[1], crypt.mksalt(crypt.METHOD_BLOWFISH))
         (base / "htpasswd").write_text(f"{user[0]}:{hashed}\n")
         config["auth"] = {"htpasswd": {"realm": "tests", "path": str(base / "htpasswd")}}
+    if token is not None:
+        config["auth"] = token.registry_auth()
     (base / "registry.yml").write_text(json.dumps(config))  # JSON is YAML
     log = open(base / "registry.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen([REGISTRY, "serve", str(base / "registry.yml")],
@@ -236,7 +243,8 @@ def local_registry(base: Path, user: tuple[str, str] | None = None) -> Iterator[
                     break
             assert time.monotonic() < deadline, "the registry did not answer within 30s"
             time.sleep(0.05)
-        yield Registry(url, f"127.0.0.1:{port}", base / "registry.log", user)
+        yield Registry(url, f"127.0.0.1:{port}", base / "registry.log",
+                       BearerFlow(token.user) if token else user)  # fmt: skip
     finally:
         process.terminate()
         try:

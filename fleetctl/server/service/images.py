@@ -13,6 +13,7 @@ that pulls.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from fleetctl.server.runtime.base import ImageLayers
 from fleetctl.server.service.state import Busy, NotFound, Refused, Shared, Unsupported
 
 HOST_SOURCE = "host root filesystem (read-only lower layer)"
+#: What an image's Env may set (a registry's config is not trusted to name more).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ImageFailed(Exception):
@@ -72,7 +75,7 @@ def _from_image(puller: Puller, image: Image) -> RootFs:
     env = {}
     for item in config.get("Env") or []:
         key, sep, value = str(item).partition("=")
-        if sep and key:
+        if sep and _ENV_NAME.fullmatch(key) and "\0" not in value:
             env[key] = value
     workdir = str(config.get("WorkingDir") or "") or None
     layers = ImageLayers(puller.store.layers, tuple(p.name for p in image.layers), workdir)

@@ -54,6 +54,8 @@ from fleetctl.server.runtime.bwrap.layout import (
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
 
+#: How long killed sandbox processes may take to leave their cgroup.
+KILL_WAIT_S = 30.0
 #: Host uids for sandboxes start here; each sandbox gets its own (base + seq).
 UID_BASE = 1_000_000_000
 UID_SPAN = 100_000_000
@@ -424,10 +426,12 @@ def _kill(pid: int) -> None:
     _signal(pid, signal.SIGKILL)
 
 
-def _until(step: Callable[[], bool], attempts: int = 200) -> None:
-    """Retry `step()` until it returns True: cgroups empty a few ms after SIGKILL."""
-    for _ in range(attempts):
-        if step():
-            return
-        time.sleep(0.005)
-    raise RuntimeFailure("sandbox processes did not exit after SIGKILL")
+def _until(step: Callable[[], bool], limit_s: float = KILL_WAIT_S) -> None:
+    """Retry `step()` until it returns True: cgroups empty a few ms after SIGKILL, or
+    seconds later when the host's disk is saturated (a killed writer finishes its I/O)."""
+    deadline, delay = time.monotonic() + limit_s, 0.005
+    while not step():
+        if time.monotonic() >= deadline:
+            raise RuntimeFailure(f"sandbox processes did not exit {limit_s:g}s after SIGKILL")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
