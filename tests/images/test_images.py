@@ -15,6 +15,7 @@ import pytest
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
 from fleetctl.sandboxes.errors import SandboxImagePullError
 from tests.conftest import Server, own_server, wait_for
+from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -224,3 +225,14 @@ def test_a_checkpoint_of_an_image_sandbox_restores_onto_the_same_image(
     sdk.delete(restored.id)
     sdk.delete(source)
     sdk.delete_checkpoint(checkpoint.id)
+
+
+def test_docker_hub_names_are_pulled_through_a_mirror(registry: Registry) -> None:
+    registry.push("library/mirrored", "1", [busybox_layer(), Layer().file("via", b"mirror")])
+    flags = ("--image-policy", "pull", "--registry-mirror", registry.url)
+    with own_server(*flags, env=NO_INTERNET) as (server, _):
+        sdk = SandboxClient(APIClient(api_key=server.token, base_url=server.url))
+        sandbox_id = run(sdk, "mirrored:1")  # docker.io/library/mirrored:1
+        assert sh(sdk, sandbox_id, "cat /via") == "mirror"
+        sdk.delete(sandbox_id)
+        sdk.close()
