@@ -22,6 +22,7 @@ from fleetctl.cli.options import (
     DataFormat,
     MassDeleteOpt,
     MaxDeleteOpt,
+    RefreshImagesOpt,
     SpecsArg,
     TableFormat,
     TextOrJson,
@@ -78,10 +79,12 @@ def schema() -> None:
 Planned = tuple[Prepared, Plan]
 
 
-async def _plan(client: AsyncSandboxClient, fleets: list[Fleet], limits: Limits) -> Planned:
+async def _plan(
+    client: AsyncSandboxClient, fleets: list[Fleet], limits: Limits, refresh_images: bool
+) -> Planned:
     """Refresh and plan: the desired side, and the plan against live state."""
     prepared = prepare(fleets, client.api.endpoint.api_key)
-    return prepared, await make_plan(client, prepared, limits)
+    return prepared, await make_plan(client, prepared, limits, refresh_images=refresh_images)
 
 
 @app.command(epilog="Example: fleetctl plan specs/eval.yaml --var shards=8 --detailed-exitcode")
@@ -98,6 +101,7 @@ def plan(
     ] = False,
     max_delete: MaxDeleteOpt = 0.5,
     allow_mass_delete: MassDeleteOpt = False,
+    refresh_images: RefreshImagesOpt = False,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Save the plan (JSON) for `fleetctl apply FILE` to apply."),
@@ -112,7 +116,8 @@ def plan(
 
     async def run() -> Plan:
         async with AsyncSandboxClient() as client:
-            return (await _plan(client, fleets, Limits(max_delete, allow_mass_delete)))[1]
+            limits = Limits(max_delete, allow_mass_delete)
+            return (await _plan(client, fleets, limits, refresh_images))[1]
 
     the_plan = anyio.run(run)
     output.plan(the_plan, fleets, as_json=fmt is TextOrJson.json)
@@ -143,6 +148,7 @@ def apply(
     ] = TextOrJson.text,
     max_delete: MaxDeleteOpt = 0.5,
     allow_mass_delete: MassDeleteOpt = False,
+    refresh_images: RefreshImagesOpt = False,
 ) -> None:
     """Converge live sandboxes to the spec: create, replace and prune until live == spec.
 
@@ -162,7 +168,8 @@ def apply(
 
     async def run() -> None:
         async with AsyncSandboxClient() as client:
-            prepared, the_plan = await _plan(client, fleets, Limits(max_delete, allow_mass_delete))
+            limits = Limits(max_delete, allow_mass_delete)
+            prepared, the_plan = await _plan(client, fleets, limits, refresh_images)
             if saved_plan is not None:
                 saved.check_unchanged(saved_plan, the_plan)
             if not as_json:

@@ -48,6 +48,12 @@ MassDeleteOpt = Annotated[
     typer.Option("--allow-mass-delete", help="Allow a plan that prunes past --max-delete, or all."),
 ]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Go ahead without asking.")]
+RefreshImagesOpt = Annotated[
+    bool,
+    typer.Option("--refresh-images",
+                 help="Ask each image's registry what its tag names now, and replace the "
+                      "sandboxes whose tag moved (the local server's images)."),
+]  # fmt: skip
 
 
 class TextOrJson(StrEnum):

@@ -53,6 +53,8 @@ class LiveSandbox:
     exposures: Mapping[tuple[int, str], str] | None = None
     files: Mapping[str, str] | None = None
     jobs_started: frozenset[str] | None = None
+    #: The manifest digest of the image it runs, when the server says (None: unknown).
+    image_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ sandbox, or more than `max_delete` of them, is refused unless allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,12 +42,15 @@ def plan(
     fleets: Sequence[str],
     limits: Limits = Limits(),
     file_digests: Mapping[str, str] | None = None,
+    image_moves: Mapping[tuple[str, str], tuple[str, str]] | None = None,
 ) -> Plan:
     """Compare `desired` (with their `digests` by (fleet, key)) to the `live` sandboxes
     of `fleets`; only sandboxes labelled for one of `fleets` are ever touched.
 
     `file_digests` (local source → content digest) lets a sandbox that stays get
     changed files uploaded again; without it, files are compared by presence.
+    `image_moves` ((fleet, key) → (digest run, digest the tag names now)) replaces the
+    sandboxes whose image tag moved (`make_plan(refresh_images=True)`).
     """
     owned = [s for s in live if s.fleet in fleets]
     by_key: dict[tuple[str, str], list[LiveSandbox]] = {}
@@ -58,7 +62,8 @@ def plan(
         ident = (sandbox.fleet, sandbox.key)
         candidates = sorted(by_key.get(ident, []), key=_preference)
         current = candidates[0] if candidates else None
-        changes.append(_change(sandbox, digests[ident], current, file_digests or {}))
+        moved = (image_moves or {}).get(ident)
+        changes.append(_change(sandbox, digests[ident], current, file_digests or {}, moved))
         changes += [
             Change(Action.delete, sandbox.key, extra, None, "duplicate of this key")
             for extra in candidates[1:]
@@ -84,6 +89,7 @@ def _change(
     digest: str,
     current: LiveSandbox | None,
     file_digests: Mapping[str, str],
+    moved: tuple[str, str] | None = None,
 ) -> Change:
     if current is None:
         return Change(Action.create, sandbox.key, None, sandbox, "not running yet")
@@ -99,6 +105,11 @@ def _change(
             sandbox,
             f"settings changed (digest {current.digest} → {digest})",
         )
+    if moved is not None:  # the new sandbox pins what the tag names now
+        before, after = (d.removeprefix("sha256:")[:12] for d in moved)
+        pinned = dataclasses.replace(sandbox, image=f"{sandbox.image}@{moved[1]}")
+        return Change(Action.replace, sandbox.key, current, pinned,
+                      f"image tag moved: sha256:{before}… → sha256:{after}…")  # fmt: skip
     updates = in_place(sandbox, current, file_digests)
     if updates:
         return Change(Action.update, sandbox.key, current, sandbox, updates.describe(), updates)

@@ -7,6 +7,7 @@ started). `make_plan` is refresh followed by the pure planner.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 
@@ -18,8 +19,10 @@ from fleetctl.plan.model import LiveSandbox, Plan
 from fleetctl.plan.planner import Limits, plan
 from fleetctl.plan.prepare import Prepared
 from fleetctl.sandboxes import APIError, AsyncSandboxClient, Sandbox, SandboxNotRunningError
+from fleetctl.spec import DesiredSandbox
 
 PAGE = 100
+_DIGEST = re.compile(r"\((sha256:[0-9a-f]{64})\)")
 FACTS_PARALLELISM = 32
 
 
@@ -37,12 +40,34 @@ def _facts_script() -> str:
 FACTS_SCRIPT = _facts_script()
 
 
-async def make_plan(client: AsyncSandboxClient, prepared: Prepared, limits: Limits) -> Plan:
-    """Refresh the fleets' live state, then plan against it."""
+async def make_plan(
+    client: AsyncSandboxClient, prepared: Prepared, limits: Limits, *, refresh_images: bool = False
+) -> Plan:
+    """Refresh the fleets' live state, then plan against it; with `refresh_images`, ask
+    the server what each image tag names now, and replace sandboxes whose tag moved."""
     inside = {(s.fleet, s.key) for s in prepared.desired if s.files or s.jobs}
     live = await owned(client, prepared.fleets, facts=True, look_inside=inside)
+    moves = await image_moves(client, prepared.desired, live) if refresh_images else None
     return plan(prepared.desired, prepared.digests, live, prepared.fleets, limits,
-                prepared.file_digests)  # fmt: skip
+                prepared.file_digests, moves)  # fmt: skip
+
+
+async def image_moves(
+    client: AsyncSandboxClient, desired: Sequence[DesiredSandbox], live: Sequence[LiveSandbox]
+) -> dict[tuple[str, str], tuple[str, str]]:
+    """(fleet, key) → (digest it runs, digest its image tag names now), for the sandboxes
+    whose tag moved; each image is resolved once. Pinned images (@sha256:) never move."""
+    running = {(s.fleet, s.key): s.image_digest for s in live if s.image_digest}
+    names = {d.image for d in desired if d.image and "@" not in d.image
+             and (d.fleet, d.key) in running}  # fmt: skip
+    now = {name: await client.resolve_image(name) for name in sorted(names)}
+    moves = {}
+    for sandbox in desired:
+        ran = running.get((sandbox.fleet, sandbox.key))
+        tagged = now.get(sandbox.image or "")
+        if ran and tagged and ran != tagged:
+            moves[(sandbox.fleet, sandbox.key)] = (ran, tagged)
+    return moves
 
 
 async def owned(
@@ -64,7 +89,7 @@ async def owned(
                 found.append(LiveSandbox(
                     id=sandbox.id, fleet=identity[0], key=identity[1], digest=identity[2],
                     status=sandbox.status, created_at=sandbox.created_at,
-                    labels=tuple(sandbox.labels),
+                    labels=tuple(sandbox.labels), image_digest=_image_digest(sandbox),
                 ))  # fmt: skip
     if not facts:
         return found
@@ -118,3 +143,9 @@ async def list_all(client: AsyncSandboxClient, labels: Sequence[str]) -> list[Sa
         if not batch.has_next:
             return found
         page += 1
+
+
+def _image_digest(sandbox: Sandbox) -> str | None:
+    """The image digest in the local server's `imageSource` ("image NAME (sha256:…)")."""
+    found = _DIGEST.search(sandbox.image_source or "")
+    return found.group(1) if found else None

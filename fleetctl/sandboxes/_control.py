@@ -113,6 +113,12 @@ class ControlOps:
         response = yield Call("DELETE", "/sandbox", json=body)
         return model(BulkDeleteSandboxResponse, ok(response))
 
+    def resolve_image(self, image: str) -> Op[str]:
+        """The manifest digest `image`'s tag names now, for this machine's platform (an
+        extension of fleetctl's local server: it asks the image's registry)."""
+        response = yield Call("POST", "/_fleetctl/images/resolve", json={"name": image})
+        return str(json_object(ok(response))["digest"])
+
     def get_logs(self, sandbox_id: str) -> Op[str]:
         return model(Logs, ok((yield Call("GET", sandbox_path(sandbox_id, "logs"))))).logs
 

@@ -93,6 +93,8 @@ class Sandbox(_Wire):
     error_type: str | None = None
     error_message: str | None = None
     termination_reason: str | None = None
+    #: The local server's: where the root filesystem came from, an image's with its digest.
+    image_source: str | None = None
 
 
 class SandboxListResponse(_Wire):

@@ -75,6 +75,14 @@ class Puller:
         stored = self.store.find(str(parse(name)))
         return self._image(stored) if stored is not None else self.pull(name)
 
+    def resolve(self, name: str) -> str:
+        """The digest of the manifest `name` names now for this platform (no layers)."""
+        ref = parse(name)
+        manifest = self.registry.manifest(ref, ref.version)
+        if manifest.media_type in INDEX_TYPES or "manifests" in manifest.json():
+            return _platform_manifest(ref, manifest.json())
+        return manifest.digest
+
     def pull(self, name: str) -> Image:
         """The image `name` from its registry (a tag resolved again), pulled into the store."""
         ref = parse(name)

@@ -30,6 +30,12 @@ async def pull_image(service: Service, body: PullImage) -> dict[str, Any]:
     return await service.images.pull(body.name)
 
 
+@router.post("/resolve")
+async def resolve_image(service: Service, body: PullImage) -> dict[str, str]:
+    """The digest the image's tag names now (asks the registry; pulls nothing)."""
+    return await service.images.resolve(body.name)
+
+
 @router.post("/prune")
 def prune_images(service: Service) -> dict[str, int]:
     return service.images.prune()

@@ -132,6 +132,13 @@ class Images:
             raise Refused(f"cannot pull {name}: {exc}") from None
         return {"refs": [image.ref], "digest": image.digest, "layers": len(image.layers)}
 
+    async def resolve(self, name: str) -> dict[str, str]:
+        try:
+            digest = await anyio.to_thread.run_sync(self.puller.resolve, name)
+        except (BadReference, PullError) as exc:
+            raise Refused(f"cannot resolve {name}: {exc}") from None
+        return {"name": name, "digest": digest}
+
     def remove(self, name: str) -> dict[str, object]:
         store = self.puller.store
         try:
