@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
-from fleetctl.sandboxes.errors import SandboxImagePullError
+from fleetctl.sandboxes.errors import SandboxImagePullError, SandboxNotRunningError
 from tests.conftest import Server, own_server, wait_for
 from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
@@ -236,3 +236,15 @@ def test_docker_hub_names_are_pulled_through_a_mirror(registry: Registry) -> Non
         assert sh(sdk, sandbox_id, "cat /via") == "mirror"
         sdk.delete(sandbox_id)
         sdk.close()
+
+
+def test_an_image_with_more_layers_than_an_overlay_stacks_fails_with_the_reason(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    layers = [busybox_layer(), *(Layer().file(f"f{i}", str(i).encode()) for i in range(70))]
+    registry.push("tests/tall", "1", layers)
+    sandbox = sdk.create(
+        CreateSandboxRequest(name="t", docker_image=f"{registry.host}/tests/tall:1")
+    )
+    with pytest.raises(SandboxNotRunningError, match="more than one overlay mount can stack"):
+        sdk.wait_for_creation(sandbox.id)

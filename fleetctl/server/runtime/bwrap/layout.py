@@ -28,6 +28,8 @@ from fleetctl.server.runtime.bwrap.idmap import mount_idmapped, unmount
 HOST_LOWERS = ("usr", "etc")
 #: The sandbox's writable layer over an image's root (under `upper/` and `work/`).
 IMAGE_ROOT = "root"
+#: Bytes of lower dir paths one overlay mount takes: its options fit in one 4 KiB page.
+MAX_LOWERDIR = 3500
 #: Where the tools that commands enter through are shown inside every sandbox.
 TOOLS_MOUNT = "/.fleetctl"
 #: Created in the upper layer, owned by the sandbox, so that root inside can
@@ -125,8 +127,15 @@ def bwrap_args(spec: LaunchSpec, home: Path, tools: Path) -> list[str]:
         args.append("--share-net")
     workdir = "/workspace"
     if spec.image is not None:
-        for key in spec.image.layers:
-            args += ["--overlay-src", str(image_dir(home) / key)]
+        lowers = [str(image_dir(home) / key) for key in spec.image.layers]
+        if sum(len(path) + 1 for path in lowers) > MAX_LOWERDIR:
+            raise RuntimeFailure(
+                f"the image has {len(lowers)} layers, more than one overlay mount can stack "
+                f"from {home} (its paths pass {MAX_LOWERDIR} bytes; flattening is not "
+                "implemented): use an image with fewer layers or a shorter data dir path"
+            )
+        for path in lowers:
+            args += ["--overlay-src", path]
         for layer in layers:
             args += ["--overlay-src", str(layer / "upper" / IMAGE_ROOT)]
         # The image's /etc is the sandbox's to write: an ld.so.preload planted there would
