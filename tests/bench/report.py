@@ -4,8 +4,8 @@
 
 Runs, one after another, each as a subprocess of this interpreter from the repository
 root: ``local_runtime.py``, ``sdk_fanout.py --n 100 --rate 20``, ``apply_throughput.py
---n 300 --rate 25``, ``exec_transports.py``, ``checkpoint_fanout.py``, ``plan_scale.py``
-and ``reliability_report.py`` (short). Their output is passed through as it comes; the
+--n 300 --rate 25``, ``exec_transports.py``, ``checkpoint_fanout.py``, ``image_pull.py``
+(needs skopeo and umoci), ``plan_scale.py`` and ``reliability_report.py`` (short). Their output is passed through as it comes; the
 last line of each is its figures. Then the block of README.md between ``<!-- BEGIN
 bench -->`` and ``<!-- END bench -->`` is rewritten: a line saying when (UTC) and on what
 (CPU model, cores, memory, kernel) it was measured, and the table, one row per script
@@ -66,6 +66,8 @@ def benches(quick: bool) -> list[Bench]:
               "30 commands on one sandbox, Connect vs REST", 300),
         Bench("checkpoint_fanout.py", ("--n", "10", "--size-mb", "20"),
               "10 sandboxes with 20 MiB of setup each: from a checkpoint vs set up each", 300),
+        Bench("image_pull.py", ("--mb", "10", "--creates", "5"),
+              "10 MB image: pull vs skopeo + umoci, create from it vs the host's root", 300),
         Bench("plan_scale.py", ("--n", "1000"),
                   "plan 1,000 desired against 1,000 live, in memory", 300),
             Bench("reliability_report.py", (),
@@ -83,6 +85,10 @@ def benches(quick: bool) -> list[Bench]:
         Bench("checkpoint_fanout.py", (),
               "300 sandboxes with 200 MiB of setup each: from a checkpoint of one set-up "
               "sandbox vs created bare and set up each", 1800),
+        Bench("image_pull.py", (),
+              "a 50 MB image from a loopback registry: pull + unpack vs skopeo copy + umoci "
+              "unpack; create from it vs on the host's root filesystem; disk of a second "
+              "image sharing its base", 900),
         Bench("plan_scale.py", (), "plan 10,000 desired against 10,000 live, in memory", 900),
         Bench("reliability_report.py", (),
               "soak (2 rounds of apply/destroy of 12 sandboxes under injected faults and "

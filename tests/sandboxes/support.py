@@ -62,6 +62,7 @@ class Threaded:
         self.delete = _threaded(client.delete)
         self.bulk_delete = _threaded(client.bulk_delete)
         self.get_logs = _threaded(client.get_logs)
+        self.resolve_image = _threaded(client.resolve_image)
         self.wait_for_creation = _threaded(client.wait_for_creation)
         self.bulk_wait_for_creation = _threaded(client.bulk_wait_for_creation)
         self.execute_command = _threaded(client.execute_command)

@@ -14,6 +14,7 @@ covered by an empty read-only file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -205,10 +206,11 @@ def check_traversable(data_dir: Path) -> None:
 
 
 def install_tools(data_dir: Path, setpriv: str) -> Path:
-    """`<data dir>/tools`: the host's setpriv with its own loader and libraries, so that
-    commands enter any image (busybox, distroless, another libc) through the same binary,
-    and never through one the sandbox can write. Shown at /.fleetctl (TOOLS_MOUNT)."""
-    tools = data_dir / "tools"
+    """`<data dir>/tools/<digest>`: the host's setpriv with its own loader and libraries,
+    so that commands enter any image (busybox, distroless, another libc) through the same
+    binary, and never through one the sandbox can write. Shown at /.fleetctl
+    (TOOLS_MOUNT). Named by content and never replaced: sandboxes adopted after a
+    restart keep the copy they were started with."""
     listed = subprocess.run(["ldd", setpriv], env={"PATH": "/usr/bin:/bin"}, check=True,
                             capture_output=True, text=True).stdout  # fmt: skip
     wanted = {Path(setpriv): "setpriv"}
@@ -220,12 +222,19 @@ def install_tools(data_dir: Path, setpriv: str) -> Path:
             wanted[Path(parts[0])] = "ld.so"  # the loader
     if "ld.so" not in wanted.values():
         raise RuntimeFailure(f"cannot find the loader of {setpriv} in `ldd` output: {listed}")
-    staging = Path(tempfile.mkdtemp(prefix="tools-", dir=data_dir))
-    for source, name in wanted.items():
-        shutil.copy2(source.resolve(), staging / name)
+    contents = {name: source.resolve().read_bytes() for source, name in wanted.items()}
+    digest = hashlib.sha256()
+    for name in sorted(contents):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(contents[name]).digest())
+    tools = data_dir / "tools" / digest.hexdigest()[:16]
+    if tools.is_dir():
+        return tools
+    tools.parent.mkdir(mode=0o711, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tmp-", dir=tools.parent))
+    for name, data in contents.items():
+        (staging / name).write_bytes(data)
         (staging / name).chmod(0o755)
     staging.chmod(0o755)
-    shutil.rmtree(tools, ignore_errors=True)
     staging.rename(tools)
     return tools
 
