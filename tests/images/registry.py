@@ -37,7 +37,8 @@ BUSYBOX = Path("/bin/busybox")
 #: Applets linked in the busybox base layer (what sandboxes and these tests run).
 APPLETS = ("sh", "ls", "cat", "id", "env", "pwd", "echo", "test", "mkdir", "touch", "rm",
            "stat", "head", "tail", "wc", "printf", "sleep", "true", "readlink", "nohup",
-           "kill", "ps", "mv", "cp", "chmod", "grep", "df", "du")  # fmt: skip
+           "kill", "ps", "mv", "cp", "chmod", "grep", "df", "du", "tar", "diff", "find",
+           "sed")  # fmt: skip
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
