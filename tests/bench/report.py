@@ -5,11 +5,11 @@
 Runs, one after another, each as a subprocess of this interpreter from the repository
 root: ``local_runtime.py``, ``sdk_fanout.py --n 100 --rate 20``, ``apply_throughput.py
 --n 300 --rate 25``, ``exec_transports.py``, ``checkpoint_fanout.py``, ``image_pull.py``
-(needs skopeo and umoci), ``plan_scale.py`` and ``reliability_report.py`` (short). Their output is passed through as it comes; the
-last line of each is its figures. Then the block of README.md between ``<!-- BEGIN
-bench -->`` and ``<!-- END bench -->`` is rewritten: a line saying when (UTC) and on what
-(CPU model, cores, memory, kernel) it was measured, and the table, one row per script
-with its last line.
+(needs skopeo and umoci), ``plan_scale.py`` and ``reliability_report.py`` (short). Their
+output is passed through as it comes; the last line of each is its figures. Then the
+block of README.md between ``<!-- BEGIN bench -->`` and ``<!-- END bench -->`` is
+rewritten: a line saying when (UTC) and on what (CPU model, cores, memory, kernel) it was
+measured, and the table, one row per script with its last line.
 
 A script that exits non-zero (or runs past its time limit, then it is interrupted with
 SIGINT so that it stops its servers), or whose last line is not ``key=value`` figures,
