@@ -135,3 +135,21 @@ def test_import_loads_an_oci_layout_and_its_tar_for_air_gapped_hosts(
     code, _, err = run(capsys, "image", "import", str(tmp_path / "missing.tar"))
     assert code != 0
     assert "neither a directory nor a file" in err
+
+
+def test_import_refuses_archives_past_the_image_limit_and_compressed_ones(
+    pointed: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    big = tmp_path / "big.tar"
+    with big.open("wb") as out:
+        out.truncate(60_000_000)  # the server was started with --image-max-gb 0.05
+    code, _, err = run(capsys, "image", "import", str(big))
+    assert code != 0
+    assert "larger than" in err
+    layout = oci_layout(tmp_path / "layout", "airgap/gz:1", [busybox_layer()], b"gz")
+    with tarfile.open(tmp_path / "eval.tar.gz", "w:gz") as tar:
+        tar.add(layout, arcname=".")
+    code, _, err = run(capsys, "image", "import", str(tmp_path / "eval.tar.gz"))
+    assert code != 0
+    assert "cannot be read as a tar" in err
+    assert list((pointed.data_dir / "images" / "layers").glob("tmp-*")) == []

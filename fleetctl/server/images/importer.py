@@ -37,7 +37,7 @@ def import_archive(archive: Path, store: Store, max_unpacked: int) -> list[Image
     scratch = Path(tempfile.mkdtemp(prefix="tmp-import-", dir=store.layers))
     try:
         try:
-            with tarfile.open(archive) as tar:
+            with tarfile.open(archive, "r:") as tar:  # uncompressed: its size bounds its files
                 tar.extractall(scratch, filter="data")
         except (tarfile.TarError, OSError) as exc:
             raise PullError(f"the archive cannot be read as a tar: {exc}") from None

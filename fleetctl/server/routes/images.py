@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from fleetctl.server.asgi import CONTROL_PREFIX
 from fleetctl.server.routes.deps import Service, api_key
+from fleetctl.server.service import Refused
 
 router = APIRouter(prefix=f"{CONTROL_PREFIX}/_fleetctl/images", dependencies=[Depends(api_key)])
 
@@ -44,9 +45,14 @@ def prune_images(service: Service) -> dict[str, int]:
 @router.post("/import")
 async def import_images(service: Service, request: Request) -> dict[str, Any]:
     """The request body is one tar: an OCI image layout or a `docker save` archive."""
-    store = service.images.puller.store
-    with tempfile.NamedTemporaryFile(dir=store.layers, prefix="tmp-upload-") as spool:
+    puller = service.images.puller
+    received = 0
+    with tempfile.NamedTemporaryFile(dir=puller.store.layers, prefix="tmp-upload-") as spool:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > puller.max_unpacked:
+                raise Refused(f"the archive is larger than the {puller.max_unpacked} bytes "
+                              "an image may take (--image-max-gb)")  # fmt: skip
             spool.write(chunk)
         spool.flush()
         return {"images": await service.images.import_archive(Path(spool.name))}
