@@ -34,6 +34,7 @@ from fleetctl.cli.options import (
 )
 from fleetctl.errors import FleetError, UsageError
 from fleetctl.plan import saved
+from fleetctl.plan.identity import fleet_label
 from fleetctl.plan.model import Action, Plan
 from fleetctl.plan.planner import Limits
 from fleetctl.plan.prepare import Prepared, prepare
@@ -188,6 +189,7 @@ def apply(
                     await execute(the_plan, client, prepared, options, emit, result)
             finally:
                 stats.update(client.api.stats)
+            await _warn_fallbacks(client, [fleet.name for fleet in fleets])
 
     try:
         anyio.run(run)
@@ -270,6 +272,7 @@ def status(
 
     async def run() -> list[SandboxState]:
         async with AsyncSandboxClient() as client:
+            await _warn_fallbacks(client, [fleet.name for fleet in fleets])
             return await fleet_status(client, fleets)
 
     states = anyio.run(run)
@@ -277,6 +280,21 @@ def status(
         output.fleet_states(states)
     else:
         output.dump([state.to_dict() for state in states], fmt.value)
+
+
+async def _warn_fallbacks(client: AsyncSandboxClient, fleets: list[str]) -> None:
+    """One warning line (stderr) per image whose sandboxes run on the host's root
+    filesystem because no registry could be reached (the server's pull-or-host policy)."""
+    fallen: dict[str, int] = {}
+    for fleet in fleets:
+        for sandbox in await list_all(client, [fleet_label(fleet)]):
+            if "FALLBACK" in (sandbox.image_source or "") and sandbox.status == "RUNNING":
+                fallen[sandbox.docker_image] = fallen.get(sandbox.docker_image, 0) + 1
+    for image, count in sorted(fallen.items()):
+        output.echo(f"warning: image {image!r} could not be pulled (no registry reachable): "
+                    f"{count} sandbox{'es' if count > 1 else ''} run on the host's root "
+                    "filesystem instead (fleetctl server --image-policy pull-or-host)",
+                    err=True)  # fmt: skip
 
 
 class WaitFor(StrEnum):

@@ -10,7 +10,8 @@ import pytest
 
 from fleetctl.cli import main
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
-from tests.conftest import Server, wait_for
+from tests.conftest import Server, own_server, wait_for
+from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -18,6 +19,7 @@ from tests.images.registry import (
     Registry,
     busybox_layer,
     digest_of,
+    free_port,
 )
 
 
@@ -153,3 +155,24 @@ def test_import_refuses_archives_past_the_image_limit_and_compressed_ones(
     assert code != 0
     assert "cannot be read as a tar" in err
     assert list((pointed.data_dir / "images" / "layers").glob("tmp-*")) == []
+
+
+def test_apply_and_status_warn_when_sandboxes_fell_back_to_the_host_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}/tests/gone:1"
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text("apiVersion: fleetctl/v1\nkind: Fleet\nname: t-fallback\n"
+                    f"defaults: {{image: '{nowhere}', memory_gb: 0.25}}\n"
+                    "sandboxes:\n  - name: w\n    replicas: 2\n")  # fmt: skip
+    with own_server("--image-policy", "pull-or-host", env=NO_INTERNET) as (server, _):
+        monkeypatch.setenv("FLEETCTL_API_URL", server.url)
+        monkeypatch.setenv("FLEETCTL_API_KEY", server.token)
+        code, _, err = run(capsys, "apply", str(spec), "--yes")
+        assert code == 0, err
+        warning = f"warning: image '{nowhere}' could not be pulled (no registry reachable): 2"
+        assert warning in err
+        code, _, err = run(capsys, "status", str(spec))
+        assert code == 0
+        assert warning in err
+        assert run(capsys, "destroy", str(spec), "--yes")[0] == 0
