@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 # syscall numbers (x86_64 and aarch64 share these, from the generic table)
@@ -30,7 +32,9 @@ AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 MNT_DETACH = 2
-CLONE_NEWUSER = 0x10000000
+#: util-linux's unshare and the shell it runs (host tools, absolute paths).
+UNSHARE = shutil.which("unshare", path="/usr/bin:/bin") or "/usr/bin/unshare"
+SH = "/bin/sh"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -50,36 +54,25 @@ def _check(result: int, what: str) -> int:
 
 def _userns(owner: int, as_uid: int) -> int:
     """An fd of a new user namespace mapping uid and gid `owner` (inside) to `as_uid`
-    (outside). A child process makes it and waits until the parent has written the maps."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child only unshares and waits
-        try:
-            # Only its own two ends: a pipe end of a concurrent call, inherited, would keep
-            # that call's child from seeing EOF, and two such children wait on each other.
-            low, high = sorted((ready_w, done_r))
-            os.closerange(0, low)
-            os.closerange(low + 1, high)
-            os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
-            if _libc.unshare(CLONE_NEWUSER) != 0:
-                os._exit(1)
-            os.write(ready_w, b"R")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
+    (outside). `unshare --user` makes it and waits (on its stdin) until the maps are
+    written and the fd is open: spawned, not forked, so its cost does not grow with the
+    server's memory, and it inherits no descriptor of a concurrent call."""
+    helper = subprocess.Popen(
+        [UNSHARE, "--user", "--", SH, "-c", "echo R; read _"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert helper.stdin is not None
+    assert helper.stdout is not None
     try:
-        if os.read(ready_r, 1) != b"R":
+        if helper.stdout.read(2) != b"R\n":
             raise OSError("could not make a user namespace for an idmapped mount")
         for kind in ("uid_map", "gid_map"):
-            Path(f"/proc/{pid}/{kind}").write_text(f"{owner} {as_uid} 1\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            Path(f"/proc/{helper.pid}/{kind}").write_text(f"{owner} {as_uid} 1\n")
+        return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
+        helper.stdin.close()
+        helper.stdout.close()
+        helper.wait()
 
 
 def mount_idmapped(source: Path, target: Path, *, owner: int, as_uid: int) -> None:
