@@ -120,6 +120,25 @@ def busybox_layer() -> Layer:
     )
 
 
+def host_binaries(*binaries: str) -> Layer:
+    """The host's `binaries` at their paths, with the libraries and loader they link
+    (by `ldd`), at /lib/x86_64-linux-gnu and /lib64: they run in an image of their own."""
+    layer = Layer()
+    for directory in ("usr", "usr/bin", "lib", "lib/x86_64-linux-gnu", "lib64"):
+        layer.dir(directory)
+    libraries: set[str] = set()
+    for binary in binaries:
+        layer.file(binary.lstrip("/"), Path(binary).read_bytes(), mode=0o755)
+        listed = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True)
+        libraries |= {part for line in listed.stdout.splitlines() for part in line.split()
+                      if part.startswith("/")}  # fmt: skip
+    for library in sorted(libraries):
+        target = "lib64/ld-linux-x86-64.so.2" if "ld-linux" in library else (
+            f"lib/x86_64-linux-gnu/{Path(library).name}")  # fmt: skip
+        layer.file(target, Path(library).resolve().read_bytes(), mode=0o755)
+    return layer
+
+
 @dataclass
 class Registry:
     url: str  # http://127.0.0.1:PORT

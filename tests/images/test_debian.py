@@ -17,7 +17,7 @@ import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
 from tests.conftest import Server
-from tests.images.registry import Layer, Registry, busybox_layer
+from tests.images.registry import Layer, Registry, busybox_layer, host_binaries
 
 #: dpkg and what it runs (GNU tar: dpkg-deb passes it options busybox tar lacks)
 DPKG = (
@@ -31,15 +31,10 @@ STUB = b"#!/bin/sh\nexit 0\n"
 
 
 def dpkg_layer() -> Layer:
-    layer = Layer()
+    layer = host_binaries(*DPKG)
     for directory in (
-        "usr",
-        "usr/bin",
         "usr/share",
         "sbin",
-        "lib",
-        "lib/x86_64-linux-gnu",
-        "lib64",
         "etc/dpkg",
         "var",
         "var/lib",
@@ -49,16 +44,6 @@ def dpkg_layer() -> Layer:
         "var/lib/dpkg/triggers",
     ):
         layer.dir(directory)  # fmt: skip
-    libraries: set[str] = set()
-    for binary in DPKG:
-        layer.file(binary.lstrip("/"), Path(binary).read_bytes(), mode=0o755)
-        listed = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True)
-        libraries |= {part for line in listed.stdout.splitlines() for part in line.split()
-                      if part.startswith("/")}  # fmt: skip
-    for library in sorted(libraries):
-        target = "lib64/ld-linux-x86-64.so.2" if "ld-linux" in library else (
-            f"lib/x86_64-linux-gnu/{Path(library).name}")  # fmt: skip
-        layer.file(target, Path(library).resolve().read_bytes(), mode=0o755)
     for tool in ("sbin/ldconfig", "sbin/start-stop-daemon"):  # dpkg wants them in PATH
         layer.file(tool, STUB, mode=0o755)
     for empty in ("var/lib/dpkg/status", "var/lib/dpkg/available", "etc/dpkg/dpkg.cfg"):
