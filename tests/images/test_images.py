@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
-from fleetctl.sandboxes.errors import SandboxImagePullError, SandboxNotRunningError
+from fleetctl.sandboxes.errors import SandboxImagePullError
 from tests.conftest import Server, own_server, wait_for
 from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
@@ -238,13 +238,19 @@ def test_docker_hub_names_are_pulled_through_a_mirror(registry: Registry) -> Non
         sdk.close()
 
 
-def test_an_image_with_more_layers_than_an_overlay_stacks_fails_with_the_reason(
-    sdk: SandboxClient, registry: Registry
+def test_an_image_with_more_layers_than_an_overlay_stacks_runs_its_bottom_merged(
+    sdk: SandboxClient, registry: Registry, puller: Server
 ) -> None:
-    layers = [busybox_layer(), *(Layer().file(f"f{i}", str(i).encode()) for i in range(70))]
+    """70 layers: the bottom ones are merged into one directory (whiteouts and opaque dirs
+    applied), the top ones stacked as they are; the sandbox sees the same files."""
+    layers = [busybox_layer(), Layer().dir("o").file("o/old", b"o").file("gone", b"g")]
+    layers += [Layer().file(f"f{i}", str(i).encode()) for i in range(30)]
+    layers += [Layer().whiteout("gone").opaque("o").file("o/new", b"n")]
+    layers += [Layer().file(f"f{i}", str(i).encode()) for i in range(30, 68)]
     registry.push("tests/tall", "1", layers)
-    sandbox = sdk.create(
-        CreateSandboxRequest(name="t", docker_image=f"{registry.host}/tests/tall:1")
+    sandbox_id = run(sdk, f"{registry.host}/tests/tall:1")
+    assert sh(sdk, sandbox_id, "cat /f0 /f29 /f67; ls /o; ls /gone 2>&1 || true") == (
+        "02967new\nls: /gone: No such file or directory\n"
     )
-    with pytest.raises(SandboxNotRunningError, match="more than one overlay mount can stack"):
-        sdk.wait_for_creation(sandbox.id)
+    merged = [p for p in (puller.data_dir / "images" / "layers").iterdir() if p.name[0] == "m"]
+    assert len(merged) == 1

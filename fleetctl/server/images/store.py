@@ -141,8 +141,8 @@ class Store:
             unused = [d for d in self._index.layer_sizes if layer_key(d) not in wanted]
             freed = sum(self._index.layer_sizes.pop(d) for d in unused)
             self._save()
-        for directory in self.layers.iterdir():
-            if directory.name not in wanted and not directory.name.startswith("tmp-"):
+        for directory in self.layers.iterdir():  # merged stacks (m…) may be in use: kept
+            if directory.name not in wanted and not directory.name.startswith(("tmp-", "m")):
                 shutil.rmtree(directory, ignore_errors=True)
         return len(unused), freed
 

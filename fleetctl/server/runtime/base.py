@@ -27,6 +27,10 @@ Handle = Mapping[str, Any]
 Layer = Mapping[str, Any]
 
 
+#: How many checkpoints may stand on top of each other (each one an overlay lower layer).
+MAX_CHECKPOINT_DEPTH = 16
+
+
 class RuntimeFailure(Exception):
     """A sandbox could not be started or reached; the message says why."""
 
@@ -216,4 +220,8 @@ class Runtime(Protocol):
 
     def leftovers(self) -> set[str]:
         """Ids of sandboxes that have something on the host, e.g. left by a killed server."""
+        ...
+
+    def max_image_layers(self) -> int:
+        """How many image layers one sandbox can stack (more are merged first)."""
         ...

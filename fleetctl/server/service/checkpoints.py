@@ -18,14 +18,13 @@ import secrets
 import anyio
 from anyio.abc import TaskGroup
 
+from fleetctl.server.runtime.base import MAX_CHECKPOINT_DEPTH as MAX_DEPTH
 from fleetctl.server.runtime.base import Handle, RuntimeFailure
 from fleetctl.server.service.lifecycle import Lifecycle, Restore
 from fleetctl.server.service.state import Busy, NotFound, Refused, Shared
 from fleetctl.server.store import CheckpointRecord
 
 log = logging.getLogger("fleetctl.server")
-#: How many checkpoints may stand on top of each other (overlay lower layers).
-MAX_DEPTH = 16
 
 
 class Checkpoints:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from fleetctl.server.images.flatten import flatten
 from fleetctl.server.images.importer import import_archive
 from fleetctl.server.images.pull import Image, Puller, PullInProgress
 from fleetctl.server.images.reference import BadReference, parse
@@ -46,8 +47,9 @@ class RootFs:
     warning: str | None = None
 
 
-async def root_for(puller: Puller | None, policy: str, name: str) -> RootFs:
-    """The root filesystem for image `name`; ImageFailed when it cannot run."""
+async def root_for(puller: Puller | None, policy: str, name: str, max_layers: int) -> RootFs:
+    """The root filesystem for image `name` (its bottom layers merged past `max_layers`);
+    ImageFailed when it cannot run."""
     if policy == "host":
         return RootFs(None, f"{HOST_SOURCE}: the server does not pull images (--image-policy "
                             f"host); image {name!r} not used")  # fmt: skip
@@ -67,10 +69,15 @@ async def root_for(puller: Puller | None, policy: str, name: str) -> RootFs:
                       warning=warning)  # fmt: skip
     except PullError as exc:
         raise ImageFailed(f"cannot pull {name}: {exc}") from None
-    return _from_image(puller, image)
+    layers = [p.name for p in image.layers]
+    if len(layers) > max_layers:
+        cut = len(layers) - max_layers + 1
+        merged = await anyio.to_thread.run_sync(flatten, puller.store, list(image.layers[:cut]))
+        layers = [merged, *layers[cut:]]
+    return _from_image(puller, image, layers)
 
 
-def _from_image(puller: Puller, image: Image) -> RootFs:
+def _from_image(puller: Puller, image: Image, layers: list[str]) -> RootFs:
     config = image.config.get("config") or {}
     env = {}
     for item in config.get("Env") or []:
@@ -78,7 +85,7 @@ def _from_image(puller: Puller, image: Image) -> RootFs:
         if sep and _ENV_NAME.fullmatch(key) and "\0" not in value:
             env[key] = value
     workdir = str(config.get("WorkingDir") or "") or None
-    layers = ImageLayers(puller.store.layers, tuple(p.name for p in image.layers), workdir)
+    stack = ImageLayers(puller.store.layers, tuple(layers), workdir)
     recorded = {"ref": image.ref, "digest": image.digest, "workdir": workdir or ""}
     user = str(config.get("User") or "")
     warning = None
@@ -86,7 +93,7 @@ def _from_image(puller: Puller, image: Image) -> RootFs:
         warning = (
             f"WARNING: image user {user!r} is not supported yet: commands run as the sandbox's root"
         )
-    return RootFs(layers, f"image {image.ref} ({image.digest})", env, recorded, warning)
+    return RootFs(stack, f"image {image.ref} ({image.digest})", env, recorded, warning)
 
 
 class Images:

@@ -112,8 +112,13 @@ class Lifecycle:
         self.store.update(record.id, status=SandboxStatus.PROVISIONING)
         request = record.request
         try:
-            root = await root_for(self.shared.images, self.shared.settings.image_policy,
-                                  request["docker_image"])  # fmt: skip
+            settings = self.shared.settings
+            root = await root_for(
+                self.shared.images,
+                settings.image_policy,
+                request["docker_image"],
+                self.runtime.max_image_layers(),
+            )
         except ImageFailed as exc:
             self.runtime.append_log(record.id, f"[fleetctl] {exc}\n")
             await self.finish(record.id, SandboxStatus.ERROR,

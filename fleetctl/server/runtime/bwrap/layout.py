@@ -22,7 +22,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from fleetctl.server.runtime.base import ImageLayers, LaunchSpec, RuntimeFailure
+from fleetctl.server.runtime.base import (
+    MAX_CHECKPOINT_DEPTH,
+    ImageLayers,
+    LaunchSpec,
+    RuntimeFailure,
+)
 from fleetctl.server.runtime.bwrap.idmap import mount_idmapped, unmount
 
 #: Host directories shown read-only (with a private writable layer) in host-root sandboxes.
@@ -191,6 +196,15 @@ def layers_mounted(spec: LaunchSpec, home: Path, uid: int) -> Iterator[None]:
             unmount(image_dir(home))
         for index in range(len(spec.layers)):
             unmount(layer_dir(home, index))
+
+
+def max_image_layers(sandboxes: Path) -> int:
+    """Image layers that fit in one overlay mount beside a full stack of checkpoint layers,
+    for sandbox homes under `sandboxes` (a home is named by a 20-character id)."""
+    home = len(str(sandboxes)) + 1 + 20
+    image_path = home + len("/L/") + 16 + 1
+    checkpoint_path = home + len(f"/l{MAX_CHECKPOINT_DEPTH - 1}/upper/{IMAGE_ROOT}") + 1
+    return max(2, (MAX_LOWERDIR - MAX_CHECKPOINT_DEPTH * checkpoint_path) // image_path)
 
 
 def check_traversable(data_dir: Path) -> None:

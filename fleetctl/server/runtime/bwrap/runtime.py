@@ -51,6 +51,7 @@ from fleetctl.server.runtime.bwrap.layout import (
     install_tools,
     layers_mounted,
     make_home,
+    max_image_layers,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
 
@@ -338,6 +339,9 @@ class BwrapRuntime:
 
     def leftovers(self) -> set[str]:
         return {p.name for p in self.root.iterdir()} | {p.name for p in self.meta.iterdir()}
+
+    def max_image_layers(self) -> int:
+        return max_image_layers(self.root)
 
     def host_tool(self, name: str) -> str:
         """Absolute path of a host tool (never looked up through a caller's PATH)."""
