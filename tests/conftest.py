@@ -33,6 +33,7 @@ import anyio
 import httpx
 import pytest
 
+from fleetctl.cli import main
 from fleetctl.server.asgi import key_id
 from fleetctl.server.runtime.bwrap.host import probe
 
@@ -122,6 +123,13 @@ def start_server(
         time.sleep(0.05)
     process.kill()
     raise AssertionError("server did not start within 30s")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`fleetctl ARGV` in this process: its exit code, stdout and stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def control(server: Server, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from fleetctl.cli import main
 from fleetctl.server.faults import FaultMiddleware, parse_faults
 from tests.conftest import Server, control, faults, needs_sandboxes, own_server
+from tests.conftest import run_cli as run
 from tests.reliability.scenarios import Fleet, read_events, reaped
 
 pytestmark = needs_sandboxes
@@ -100,12 +100,6 @@ def fleets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeFlee
     yield make
     for fleet in made:
         control(fleet.server, "DELETE", "/sandbox", json={"labels": fleet.labels})
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def ndjson(out: str) -> list[Event]:

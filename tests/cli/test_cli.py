@@ -9,16 +9,10 @@ import pytest
 import yaml
 
 from fleetctl import __version__
-from fleetctl.cli import main
 from fleetctl.docgen import ROOT, SCHEMA_FILE
+from tests.conftest import run_cli as run
 
 SPECS = ROOT / "specs"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_validate_example_specs_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:

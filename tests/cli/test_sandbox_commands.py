@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleetctl.cli import main
 from fleetctl.server import daemon
 from tests.conftest import Running, Server, needs_sandboxes, traversable_dir
+from tests.conftest import run_cli as run
 
 pytestmark = needs_sandboxes
 
@@ -20,12 +20,6 @@ def pointed(server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
     monkeypatch.setenv("FLEETCTL_API_URL", server.url)
     monkeypatch.setenv("FLEETCTL_API_KEY", server.token)
     return server
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_get_lists_by_label_as_table_and_json(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetctl.cli import main
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
 from tests.conftest import Server, own_server, wait_for
+from tests.conftest import run_cli as run
 from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
     OCI_CONFIG,
@@ -28,12 +28,6 @@ def pointed(puller: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
     monkeypatch.setenv("FLEETCTL_API_URL", puller.url)
     monkeypatch.setenv("FLEETCTL_API_KEY", puller.token)
     return puller
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def layer_dirs(server: Server) -> set[str]:

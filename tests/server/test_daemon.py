@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from fleetctl.cli import main
 from fleetctl.proto import command_session_pb2 as pb
 from fleetctl.sandboxes import APIClient, SandboxClient
 from tests.conftest import needs_sandboxes, traversable_dir
+from tests.conftest import run_cli as run
 
 pytestmark = needs_sandboxes
 
@@ -30,12 +30,6 @@ pytestmark = needs_sandboxes
 def data_dir() -> Iterator[Path]:
     with traversable_dir() as base:
         yield base / "data"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_background_server_lifecycle_with_rate_limit_and_token(
