@@ -55,7 +55,10 @@ class DataOps(ControlOps):
         working_dir: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout: int | None = None,
+        user: str | None = None,
     ) -> Op[CommandResponse]:
+        """Run `command` in a shell, as `user` (a name or id of the sandbox's, optionally
+        with :group; default: the image's user) when given."""
         limit = DEFAULT_EXEC_TIMEOUT_S if timeout is None else timeout
         if not 0 < limit <= MAX_EXEC_TIMEOUT_S:
             raise ValueError(f"timeout must be between 1 and {MAX_EXEC_TIMEOUT_S} seconds")
@@ -64,6 +67,8 @@ class DataOps(ControlOps):
             spec = pb.CommandSpec(cmd="/bin/sh", args=["-c", command], envs=dict(env or {}))
             if working_dir is not None:
                 spec.cwd = working_dir
+            if user is not None:
+                spec.user = user
             try:
                 events = yield from self.connect_stream(
                     sandbox_id, "Start", pb.StartRequest(command=spec, stdin=False), limit
@@ -76,7 +81,7 @@ class DataOps(ControlOps):
                     raise
             else:
                 return _collected(events)
-        return (yield from self._rest_exec(sandbox_id, command, working_dir, env, limit))
+        return (yield from self._rest_exec(sandbox_id, command, working_dir, env, limit, user))
 
     def _rest_exec(
         self,
@@ -85,9 +90,10 @@ class DataOps(ControlOps):
         working_dir: str | None,
         env: Mapping[str, str] | None,
         limit: int,
+        user: str | None,
     ) -> Op[CommandResponse]:
         body = {"command": command, "working_dir": working_dir, "env": dict(env or {}),
-                "sandbox_id": sandbox_id, "timeout": limit}  # fmt: skip
+                "sandbox_id": sandbox_id, "timeout": limit, "user": user}  # fmt: skip
         response = yield from self._gateway_call(
             sandbox_id, "POST", "exec", json=body, timeout=limit + GRACE_S, retryable=False
         )

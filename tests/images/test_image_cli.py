@@ -112,7 +112,8 @@ def oci_layout(root: Path, name: str, layers: list[Layer], marker: bytes) -> Pat
 def test_import_loads_an_oci_layout_and_its_tar_for_air_gapped_hosts(
     pointed: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    layout = oci_layout(tmp_path / "layout", "airgap/eval:1", [busybox_layer()], b"dir")
+    linked = Layer().hardlink("passwd-link", "etc/passwd")  # to a lower layer's file
+    layout = oci_layout(tmp_path / "layout", "airgap/eval:1", [busybox_layer(), linked], b"dir")
     code, out, err = run(capsys, "image", "import", str(layout))
     assert code == 0, err
     assert "docker.io/airgap/eval:1" in out
@@ -126,6 +127,8 @@ def test_import_loads_an_oci_layout_and_its_tar_for_air_gapped_hosts(
         made = sdk.create(CreateSandboxRequest(name="i", docker_image=f"airgap/eval:{tag}"))
         sdk.wait_for_creation(made.id)
         assert sdk.execute_command(made.id, "cat /marker").stdout == marker
+        if tag == "1":
+            assert sdk.execute_command(made.id, "head -c5 /passwd-link").stdout == "root:"
         sdk.delete(made.id)
     sdk.close()
     code, _, err = run(capsys, "image", "import", str(tmp_path / "missing.tar"))

@@ -76,12 +76,14 @@ def test_whiteouts_opaque_dirs_links_and_devices(sdk: SandboxClient, registry: R
              .dir("opq").file("opq/old", b"o").file("target", b"T"))  # fmt: skip
     upper = (Layer().whiteout("data/gone").opaque("opq").file("opq/new", b"n")
              .file("linked", b"L").hardlink("linked2", "linked").device("dev-node")
-             .symlink("abs", "/target").symlink("rel", "data/keep"))  # fmt: skip
+             .symlink("abs", "/target").symlink("rel", "data/keep")
+             .hardlink("copied", "target"))  # fmt: skip
     registry.push("tests/layers", "1", [busybox_layer(), lower, upper])
     sandbox_id = run(sdk, f"{registry.host}/tests/layers:1")
     assert sh(sdk, sandbox_id, "ls /data; ls /opq") == "keep\nnew\n"
     assert sh(sdk, sandbox_id, "stat -c %i /linked /linked2 | uniq | wc -l").strip() == "1"
     assert sh(sdk, sandbox_id, "cat /abs /rel; ls /dev-node 2>&1 || true").startswith("Tk")
+    assert sh(sdk, sandbox_id, "cat /copied") == "T"  # a link to a lower layer's file: a copy
     assert "No such file" in sh(sdk, sandbox_id, "ls /dev-node 2>&1 || true")
 
 
@@ -106,6 +108,8 @@ def test_an_index_resolves_to_the_host_arch_and_zstd_layers_unpack(
         ("through-symlink", Layer().symlink("etc2", "/etc").file("etc2/fleetctl-x", b"x"),
          "symlink"),
         ("bomb", Layer().file("zeros", bytes(80 << 20)), "more than"),
+        ("dangling-link", Layer().hardlink("nowhere", "etc/none"), "nor a layer below"),
+        ("link-to-symlink", Layer().hardlink("sh2", "bin/sh"), "nor a layer below"),
     ],
 )  # fmt: skip
 def test_hostile_layers_fail_the_pull_and_write_nothing_outside(
@@ -157,6 +161,33 @@ def test_concurrent_creates_pull_once_and_images_share_base_layers(
         digest_of(Layer().file("two", b"2").tar())[7:23],
     }
     assert (store / base_diff[7:23]).is_dir()  # the shared base: one directory for both
+
+
+def test_a_layer_linking_to_files_below_is_stored_per_stack_and_its_copies_are_bounded(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    """The same linking layer over two different bases: each image sees its own base's
+    file (a layer whose content depends on the layers under it is never shared by diff_id,
+    or the first image pulled would decide what the other runs)."""
+    linking = Layer().hardlink("copied", "target").hardlink("again", "copied")
+    linking.whiteout("gone")  # a link to a file the same layer then removes
+    linking.entries.insert(0, Layer().hardlink("gone", "target").entries[0])
+    for name, content in (("good", b"good"), ("evil", b"evil")):
+        registry.push(f"tests/chain-{name}", "1",
+                      [busybox_layer(), Layer().file("target", content), linking])  # fmt: skip
+    for name in ("evil", "good"):  # the hostile stack first
+        sandbox_id = run(sdk, f"{registry.host}/tests/chain-{name}:1")
+        assert sh(sdk, sandbox_id, "cat /copied /again; ls /gone 2>&1 || true") == (
+            f"{name}{name}ls: /gone: No such file or directory\n"
+        )
+    # copies count against the layer limit (50 MB here): 2 of a 30 MB file do not fit
+    big, links = Layer().file("big", bytes(30 << 20)), Layer().hardlink("b1", "big")
+    registry.push("tests/link-bomb", "1", [busybox_layer(), big, links.hardlink("b2", "big")])
+    bomb = sdk.create(
+        CreateSandboxRequest(name="b", docker_image=f"{registry.host}/tests/link-bomb:1")
+    )
+    with pytest.raises(SandboxImagePullError, match="more than its limit"):
+        sdk.wait_for_creation(bomb.id)
 
 
 def test_a_config_that_lies_about_its_layers_fails_the_pull(
@@ -254,3 +285,62 @@ def test_an_image_with_more_layers_than_an_overlay_stacks_runs_its_bottom_merged
     )
     merged = [p for p in (puller.data_dir / "images" / "layers").iterdir() if p.name[0] == "m"]
     assert len(merged) == 1
+
+
+def user_image(registry: Registry, tag: str, user: str) -> str:
+    """busybox with a user `app` (1000, also in group staff 50) who owns /home/app."""
+    accounts = (
+        Layer().dir("home").dir("home/app").file("home/app/own", b"o", uid=1000)
+        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                            b"app:x:1000:1000::/home/app:/bin/sh\n")
+        .file("etc/group", b"root:x:0:\napp:x:1000:\nstaff:x:50:other,app\n")
+    )  # fmt: skip
+    accounts.entries[1][0].uid = accounts.entries[1][0].gid = 1000  # home/app is app's
+    registry.push("tests/user", tag, [busybox_layer(), accounts],
+                  config={"User": user, "WorkingDir": "/home/app"})  # fmt: skip
+    return f"{registry.host}/tests/user:{tag}"
+
+
+def test_the_image_user_runs_the_start_command_and_commands_and_root_stays_root(
+    sdk: SandboxClient, registry: Registry
+) -> None:
+    image = user_image(registry, "app", "app")
+    started = "id > /tmp/started; exec sleep 600"
+    created = sdk.create(CreateSandboxRequest(name="u", docker_image=image, start_command=started))
+    sdk.wait_for_creation(created.id)
+    assert sh(sdk, created.id, "id -u; id -g; id -G; echo $HOME; pwd") == (
+        "1000\n1000\n1000 50\n/home/app\n/home/app\n"
+    )
+    assert sh(sdk, created.id, "cat /tmp/started").startswith("uid=1000(app) gid=1000(app)")
+    # the image's files keep their owners; the user writes its home and /workspace only
+    assert sh(sdk, created.id, "stat -c '%u %U' /home/app/own /etc/passwd") == "1000 app\n0 root\n"
+    sh(sdk, created.id, "touch /home/app/made /workspace/w /tmp/t")
+    assert sdk.execute_command(created.id, "touch /etc/x").exit_code != 0
+    # root is still root (docker exec -u root), and other ids run as themselves
+    as_root = sdk.execute_command(created.id, "id -u; touch /etc/x && echo ok", user="root")
+    assert as_root.stdout == "0\nok\n"
+    assert sdk.execute_command(created.id, "id -u; id -g", user="4321:50").stdout == "4321\n50\n"
+    # a checkpoint keeps the owners, and the restored sandbox runs as the image's user
+    checkpoint = sdk.wait_for_checkpoint(sdk.checkpoint(created.id).id)
+    restored = sdk.create(CreateSandboxRequest(name="r", checkpoint_id=checkpoint.id))
+    sdk.wait_for_creation(restored.id)
+    assert sh(sdk, restored.id, "id -u; stat -c %U /home/app/made /workspace/w") == (
+        "1000\napp\napp\n"
+    )
+    sdk.delete(restored.id)
+    sdk.delete_checkpoint(checkpoint.id)
+
+
+def test_numeric_and_unknown_image_users(
+    sdk: SandboxClient, registry: Registry, puller: Server
+) -> None:
+    numeric = run(sdk, user_image(registry, "numeric", "4321:staff"))
+    assert sh(sdk, numeric, "id -u; id -g; echo $HOME") == "4321\n50\n/\n"
+    unknown = user_image(registry, "ghost", "ghost")
+    ghost = sdk.create(CreateSandboxRequest(name="g", docker_image=unknown))
+    with puller.client() as api:
+        record = wait_for(api, ghost.id, "ERROR")
+        logs = api.get(f"/sandbox/{ghost.id}/logs").json()["logs"]
+    assert record["errorType"] == "START_FAILED"
+    assert "unable to find user ghost: no matching entries in passwd file" in record["errorMessage"]
+    assert "unable to find user ghost" in logs

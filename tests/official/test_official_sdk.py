@@ -189,12 +189,19 @@ def test_execute_command_reports_output_exit_code_working_dir_and_env(
     assert sandbox.id in cache
 
 
-def test_execute_command_as_another_user_is_refused_never_run_as_root(prime: Prime) -> None:
-    """The SDK sends `user` (docker exec -u semantics); sandboxes here map only their
-    root user, so another user is refused instead of silently running as root."""
+def test_execute_command_runs_as_the_user_asked_for(prime: Prime) -> None:
+    """The SDK sends `user` (docker exec -u semantics): names from the sandbox's own
+    passwd, bare ids, root; a name it does not have is refused, never run as root."""
     sandbox = prime.running(name="sdk-user")
-    with pytest.raises(APIError, match="cannot run as user 'nobody'"):
-        prime.client.execute_command(sandbox.id, "id -un", user="nobody")
+    ran = prime.client.execute_command(sandbox.id, "id -un; id -u; touch /workspace/x",
+                                       user="nobody")  # fmt: skip
+    assert ran.stdout == "nobody\n65534\n", ran
+    assert ran.exit_code == 1  # /workspace is root's
+    assert prime.client.execute_command(sandbox.id, "id -u; id -g", user="1234:99").stdout == (
+        "1234\n99\n"
+    )
+    with pytest.raises(APIError, match=r"cannot run as user 'ghost'.*no matching entries"):
+        prime.client.execute_command(sandbox.id, "id -un", user="ghost")
     assert prime.client.execute_command(sandbox.id, "id -un", user="root").stdout == "root\n"
 
 

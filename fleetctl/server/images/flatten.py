@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 
 from fleetctl.server.images.store import Store
-from fleetctl.server.images.unpack import OPAQUE_XATTR
+from fleetctl.server.images.unpack import is_opaque, is_whiteout
 
 PREFIX = "m"  # not a hex digit: never a layer's key
 
@@ -54,7 +54,7 @@ def _apply(layer: Path, merged: Path) -> None:
             info = source.lstat()
             if stat.S_ISDIR(info.st_mode):
                 replaced = target.is_symlink() or (target.exists() and not target.is_dir())
-                if replaced or _opaque(source):
+                if replaced or is_opaque(source):
                     _remove(target)
                 if not target.is_dir():
                     target.mkdir()
@@ -62,20 +62,13 @@ def _apply(layer: Path, merged: Path) -> None:
                 os.chmod(target, stat.S_IMODE(info.st_mode))
                 continue
             _remove(target)
-            if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
-                continue  # a whiteout: what it names is gone
+            if is_whiteout(info):
+                continue  # what it names is gone
             if stat.S_ISLNK(info.st_mode):
                 os.symlink(os.readlink(source), target)
                 os.lchown(target, info.st_uid, info.st_gid)
             else:
                 os.link(source, target, follow_symlinks=False)
-
-
-def _opaque(directory: Path) -> bool:
-    try:
-        return os.getxattr(directory, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _remove(path: Path) -> None:

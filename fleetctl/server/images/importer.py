@@ -25,7 +25,7 @@ from typing import Any
 
 from fleetctl.server.images.reference import BadReference, parse
 from fleetctl.server.images.registry import INDEX_TYPES, PullError, sha256
-from fleetctl.server.images.store import ImageRecord, Store
+from fleetctl.server.images.store import ImageRecord, Store, chain_ids, store_key
 from fleetctl.server.images.unpack import unpack
 
 REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
@@ -93,9 +93,19 @@ def _store_image(
     if len(diff_ids) != len(layers):
         raise PullError(f"image {digest}: its config lists {len(diff_ids)} layers and its "
                         f"manifest {len(layers)}")  # fmt: skip
-    for path, diff_id in zip(layers, diff_ids, strict=True):
-        if store.has_layer(diff_id):
+    keys: list[str] = []
+    for path, diff_id, chain in zip(layers, diff_ids, chain_ids(diff_ids), strict=True):
+        stored = store_key(store, diff_id, chain)
+        if stored is not None:
+            keys.append(stored)
             continue
+        below = [store.layer_dir(key) for key in keys]
+        copied: list[bool] = []
+
+        def layers_below(below: list[Path] = below, copied: list[bool] = copied) -> list[Path]:
+            copied.append(True)
+            return below
+
         scratch = store.scratch()
         try:
             with path.open("rb") as data:
@@ -103,11 +113,12 @@ def _store_image(
                 data.seek(0)
                 compression = _MAGIC.get(head[:2]) or _MAGIC.get(head) or "none"
                 actual = unpack(iter(lambda: data.read(1 << 20), b""), compression, scratch,
-                                max_unpacked)  # fmt: skip
+                                max_unpacked, layers_below)  # fmt: skip
             if actual != diff_id:
                 raise PullError(f"image {digest}: a layer unpacks to {actual}, not the diff_id "
                                 f"{diff_id} its config gives")  # fmt: skip
-            store.keep_layer(scratch, diff_id, sum(p.lstat().st_size for p in scratch.rglob("*")))
+            keys.append(chain if copied else diff_id)
+            store.keep_layer(scratch, keys[-1], sum(p.lstat().st_size for p in scratch.rglob("*")))
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
@@ -118,7 +129,7 @@ def _store_image(
         except BadReference:
             continue
     record = ImageRecord(digest=digest, refs=sorted(set(refs)), config=config,
-                         layers=diff_ids, size=size,
+                         layers=keys, size=size,
                          pulled_at=datetime.now(UTC).isoformat(timespec="seconds"))  # fmt: skip
     store.add_image(record)
     return record

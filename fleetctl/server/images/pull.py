@@ -31,7 +31,7 @@ from fleetctl.server.images.registry import (
     Registry,
     Unreachable,
 )
-from fleetctl.server.images.store import ImageRecord, Store
+from fleetctl.server.images.store import ImageRecord, Store, chain_ids, store_key
 from fleetctl.server.images.unpack import unpack
 
 PARALLEL_LAYERS = 4
@@ -60,7 +60,7 @@ class Puller:
         self.store, self.registry, self.max_unpacked = store, registry, max_unpacked
         self._lock = threading.Lock()
         self._images: dict[str, Future[Image]] = {}
-        self._layers: dict[str, Future[None]] = {}
+        self._layers: dict[str, Future[str]] = {}
         self._pool = ThreadPoolExecutor(PARALLEL_LAYERS, thread_name_prefix="layer")
         self._unreachable: dict[str, float] = {}  # registry → monotonic time to ask again
         self._unreachable_why: dict[str, str] = {}
@@ -149,14 +149,14 @@ class Puller:
         if len(diff_ids) != len(layers):
             raise PullError(f"{ref}: its config lists {len(diff_ids)} layers and its manifest "
                             f"{len(layers)}")  # fmt: skip
-        pending = [self._layer(ref, layer, diff_id)
-                   for layer, diff_id in zip(layers, diff_ids, strict=True)]  # fmt: skip
-        for job in pending:
-            job.result()
+        pending: list[Future[str]] = []
+        for layer, diff_id, chain in zip(layers, diff_ids, chain_ids(diff_ids), strict=True):
+            pending.append(self._layer(ref, layer, diff_id, chain, list(pending)))
+        keys = [job.result() for job in pending]
         self.store.put_blob(config_desc["digest"], config_data)
         self.store.put_blob(manifest.digest, manifest.data)
         record = ImageRecord(
-            digest=manifest.digest, refs=[str(ref)], config=config, layers=list(diff_ids),
+            digest=manifest.digest, refs=[str(ref)], config=config, layers=keys,
             size=sum(layer["size"] for layer in layers),
             pulled_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )  # fmt: skip
@@ -175,36 +175,62 @@ class Puller:
         return Image(record.refs[0] if record.refs else record.digest, record.digest, layers,
                      record.config)  # fmt: skip
 
-    def _layer(self, ref: Reference, layer: dict[str, Any], diff_id: str) -> Future[None]:
-        if self.store.has_layer(diff_id):
-            done: Future[None] = Future()
-            done.set_result(None)
+    def _layer(
+        self,
+        ref: Reference,
+        layer: dict[str, Any],
+        diff_id: str,
+        chain: str,
+        below: list[Future[str]],
+    ) -> Future[str]:
+        """The layer's store key once it is stored (unpacked now, joined, or found); `below`:
+        the image's layers under it, queued before it, so none of them waits for it."""
+        stored = store_key(self.store, diff_id, chain)
+        if stored is not None:
+            done: Future[str] = Future()
+            done.set_result(stored)
             return done
-        future, mine = self._claim(self._layers, diff_id)
-        if mine:
-            self._pool.submit(self._fetch_layer, ref, layer, diff_id, future)
+        with self._lock:  # claimed and queued at once: what it waits for is queued first
+            if chain in self._layers:
+                return self._layers[chain]
+            future: Future[str] = Future()
+            self._layers[chain] = future
+            self._pool.submit(self._fetch_layer, ref, layer, (diff_id, chain), future, below)
         return future
 
     def _fetch_layer(
-        self, ref: Reference, layer: dict[str, Any], diff_id: str, future: Future[None]
+        self,
+        ref: Reference,
+        layer: dict[str, Any],
+        ids: tuple[str, str],
+        future: Future[str],
+        below: list[Future[str]],
     ) -> None:
+        diff_id, chain = ids
+        copied: list[bool] = []
+
+        def layers_below() -> list[Path]:
+            copied.append(True)
+            return [self.store.layer_dir(job.result()) for job in below]
+
         scratch = self.store.scratch()
         try:
             compression = _compression(ref, layer["mediaType"])
             with self.registry.blob(ref, layer["digest"], layer["size"]) as stream:
-                actual = unpack(stream, compression, scratch, self.max_unpacked)
+                actual = unpack(stream, compression, scratch, self.max_unpacked, layers_below)
                 stream.verify()
             if actual != diff_id:
                 raise PullError(f"{ref}: layer {layer['digest']} unpacks to {actual}, not the "
                                 f"diff_id {diff_id} its config gives")  # fmt: skip
-            self.store.keep_layer(scratch, diff_id, _tree_size(scratch))
-            future.set_result(None)
+            key = chain if copied else diff_id
+            self.store.keep_layer(scratch, key, _tree_size(scratch))
+            future.set_result(key)
         except BaseException as exc:
             shutil.rmtree(scratch, ignore_errors=True)
             future.set_exception(exc)
         finally:
             with self._lock:
-                self._layers.pop(diff_id, None)
+                self._layers.pop(chain, None)
 
     def _claim(self, table: dict[str, Future[Any]], key: str) -> tuple[Future[Any], bool]:
         with self._lock:

@@ -13,6 +13,7 @@ Compressed layer blobs are not kept: their unpacked directory is what runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ class ImageRecord:
     digest: str
     refs: list[str]
     config: dict[str, Any]
-    layers: list[str]  # diff_ids
+    layers: list[str]  # store keys: diff_ids, or chain ids (see pull.store_key)
     size: int = 0  # compressed bytes, as the manifest gives them
     pulled_at: str = ""
 
@@ -176,3 +177,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """Each layer's ChainID (OCI image spec): its diff_id with every layer under it."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        below = f"{chains[-1]} {diff_id}".encode() if chains else b""
+        chains.append("sha256:" + hashlib.sha256(below).hexdigest() if chains else diff_id)
+    return chains
+
+
+def store_key(store: Store, diff_id: str, chain: str) -> str | None:
+    """Where the store has the layer: by its diff_id, shared by every image that has it,
+    or, for a layer whose hard links were copied from the layers under it (its content
+    depends on them), by its chain id. None when it is not stored."""
+    for key in (diff_id, chain):
+        if store.has_layer(key):
+            return key
+    return None

@@ -5,8 +5,9 @@ bytes), and hashed: its sha256 is the layer's diff_id, checked by the caller. Wh
 entry becomes:
 
     regular file, directory, symlink   itself, with its mode, owner and mtime
-    hard link                          a link to an earlier entry of the same layer
-                                       (a target in no earlier entry is refused)
+    hard link                          a link to an earlier entry of the same layer, or
+                                       a copy of the file a lower layer has (refused
+                                       when neither has it)
     .wh.NAME                           a whiteout: a 0/0 character device at NAME
     .wh..wh..opq in DIR                DIR opaque: xattr user.overlay.opaque=y
     device node, FIFO                  skipped (a sandbox may not make devices either)
@@ -27,8 +28,9 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import zstandard
 
@@ -102,14 +104,23 @@ def _decompressor(compression: str) -> _Decompress:
     return lambda data, final: data
 
 
-def unpack(chunks: Iterable[bytes], compression: str, target: Path, limit: int) -> str:
+def unpack(
+    chunks: Iterable[bytes],
+    compression: str,
+    target: Path,
+    limit: int,
+    below: Callable[[], Sequence[Path]] = tuple,
+) -> str:
     """Write the layer into `target` (an empty directory); its diff_id (sha256 of the tar).
+    `below()` gives the image's layers under this one (bottom first, waiting for them if
+    need be), asked only for hard links to their files.
 
     UnpackError names what was refused; the caller removes `target` then."""
     reader = _Reader(chunks, compression)
     written = 0
     links: set[str] = set()
     symlinks: set[str] = set()
+    deferred: dict[str, str] = {}
     root = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as archive:
@@ -117,13 +128,49 @@ def unpack(chunks: Iterable[bytes], compression: str, target: Path, limit: int) 
                 written += max(entry.size, 0) if entry.isfile() else 0
                 if written > limit:
                     raise UnpackError(f"the layer unpacks to more than {limit} bytes")
-                _extract(archive, entry, root, links, symlinks)
+                deferred.pop(str(safe_name(entry.name)), None)  # replaced
+                _extract(archive, entry, root, links, symlinks, deferred)
         reader.drain()
+        if deferred:
+            _copy_from_below(root, deferred, below(), limit - written)
     except tarfile.TarError as exc:
         raise UnpackError(f"the layer is not a whole tar archive: {exc}") from None
     finally:
         os.close(root)
     return "sha256:" + reader.hash.hexdigest()
+
+
+def _copy_from_below(
+    root: int, deferred: dict[str, str], below: Sequence[Path], budget: int
+) -> None:
+    """Hard links to files of lower layers, written as copies (a link cannot cross
+    layers), read without following a symlink; their bytes count against the layer's
+    limit (`budget` is what is left of it)."""
+    for name, source in deferred.items():
+        found = find(below, PurePosixPath(source))
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            source_fd = os.open(found, flags) if found is not None else -1
+        except OSError:
+            source_fd = -1
+        if source_fd < 0 or not stat.S_ISREG(os.fstat(source_fd).st_mode):
+            if source_fd >= 0:
+                os.close(source_fd)
+            raise UnpackError(f"layer entry {name!r}: a hard link to {source!r}, which is in "
+                              "neither this layer nor a layer below as a file")  # fmt: skip
+        path = PurePosixPath(name)
+        with os.fdopen(source_fd, "rb") as data, _parent_dir(root, path) as parent_fd:
+            info = os.fstat(data.fileno())
+            budget -= info.st_size
+            if budget < 0:
+                raise UnpackError("the layer unpacks to more than its limit with the files "
+                                  "its hard links copy from the layers below")  # fmt: skip
+            entry = tarfile.TarInfo(name)
+            entry.uid, entry.gid, entry.mode, entry.mtime = (
+                info.st_uid, info.st_gid, info.st_mode, int(info.st_mtime)
+            )  # fmt: skip
+            _remove(parent_fd, path.name)
+            _write_from(data, entry, parent_fd, path.name)
 
 
 def safe_name(name: str) -> PurePosixPath:
@@ -143,6 +190,7 @@ def _extract(
     root: int,
     links: set[str],
     symlinks: set[str],
+    deferred: dict[str, str],
 ) -> None:
     path = safe_name(entry.name)
     if str(path) == ".":
@@ -159,6 +207,7 @@ def _extract(
             hidden = name[len(WHITEOUT) :]
             if not hidden or "/" in hidden:
                 raise UnpackError(f"layer entry {entry.name!r}: a whiteout of nothing")
+            deferred.pop(str(path.parent / hidden), None)
             _remove(parent_fd, hidden)
             os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent_fd)
             return
@@ -176,11 +225,9 @@ def _extract(
             os.chown(name, entry.uid, entry.gid, dir_fd=parent_fd, follow_symlinks=False)
         elif entry.islnk():
             source = str(safe_name(entry.linkname))
-            if source not in links:
-                raise UnpackError(
-                    f"layer entry {entry.name!r}: a hard link to "
-                    f"{entry.linkname!r}, which is not in the layer before it"
-                )
+            if source not in links:  # in a lower layer: copied once the layer is read
+                deferred[str(path)] = deferred.get(source, source)
+                return
             with _parent_dir(root, PurePosixPath(source)) as source_fd:
                 os.link(PurePosixPath(source).name, name, src_dir_fd=source_fd,
                         dst_dir_fd=parent_fd, follow_symlinks=False)  # fmt: skip
@@ -191,12 +238,53 @@ def _extract(
         # device nodes and FIFOs: skipped
 
 
+def find(layers: Sequence[Path], path: PurePosixPath) -> Path | None:
+    """Where the stack `layers` (bottom first) has the relative `path`: in the topmost layer
+    that has it, unless a whiteout, an opaque directory or a file above hides it. None
+    when it is hidden, absent, or behind a symlink (never followed)."""
+    for layer in reversed(layers):
+        here, hidden = layer, False
+        for index, part in enumerate(path.parts):
+            here = here / part
+            try:
+                info = here.lstat()
+            except FileNotFoundError:
+                if hidden:
+                    return None
+                break  # not in this layer: look below
+            if is_whiteout(info):
+                return None
+            if index == len(path.parts) - 1:
+                return here
+            if not stat.S_ISDIR(info.st_mode):  # a file or symlink where a directory was
+                return None
+            hidden = hidden or is_opaque(here)
+    return None
+
+
+def is_whiteout(info: os.stat_result) -> bool:
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == 0
+
+
+def is_opaque(directory: Path) -> bool:
+    try:
+        return os.getxattr(directory, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
 def _write(archive: tarfile.TarFile, entry: tarfile.TarInfo, parent_fd: int, name: str) -> None:
+    source = archive.extractfile(entry)
+    assert source is not None
+    _write_from(source, entry, parent_fd, name)
+
+
+def _write_from(source: IO[bytes], entry: tarfile.TarInfo, parent_fd: int, name: str) -> None:
+    """A new file `name` in `parent_fd` with `source`'s bytes and `entry`'s owner, mode and
+    mtime."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(name, flags, 0o600, dir_fd=parent_fd)
     try:
-        source = archive.extractfile(entry)
-        assert source is not None
         with os.fdopen(fd, "wb", closefd=False) as out:
             while chunk := source.read(1 << 20):
                 out.write(chunk)

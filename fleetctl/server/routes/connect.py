@@ -35,7 +35,6 @@ from fleetctl.server.asgi import bearer
 from fleetctl.server.faults import InjectedReset
 from fleetctl.server.routes import frames
 from fleetctl.server.service import NotFound, NotRunning, Refused, SandboxService
-from fleetctl.server.service.dataplane import ROOT_USERS
 from fleetctl.server.service.processes import (
     STREAMS,
     Command,
@@ -264,15 +263,13 @@ class CommandSession:
         spec = request.command
         if not spec.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "command.cmd is empty")
-        if spec.HasField("user") and spec.user not in ROOT_USERS:
-            raise ConnectError(Code.INVALID_ARGUMENT, f"cannot run as user {spec.user!r}: "
-                               "sandboxes of this server have only their root user")  # fmt: skip
         try:
             check_env(dict(spec.envs))
         except ValueError as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from None
         command = Command((spec.cmd, *spec.args), dict(spec.envs),
-                          spec.cwd if spec.HasField("cwd") else None)  # fmt: skip
+                          spec.cwd if spec.HasField("cwd") else None,
+                          spec.user if spec.HasField("user") else None)  # fmt: skip
         uuid = request.session_uuid if request.HasField("session_uuid") else None
         try:
             reader = await self.service.processes.start(

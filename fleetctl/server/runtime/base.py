@@ -50,15 +50,43 @@ class Limits:
     pids: int
 
 
+#: User and group ids a sandbox has (0 to ID_RANGE - 1), as in a container.
+ID_RANGE = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """Whom a process in a sandbox runs as, in the sandbox's own ids."""
+
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    home: str = "/root"
+
+    def encode(self) -> str:
+        """`uid:gid:groups:home`, as a sandbox's record keeps it (passwd fields hold no
+        colon)."""
+        return f"{self.uid}:{self.gid}:{','.join(map(str, self.groups))}:{self.home}"
+
+    @classmethod
+    def decode(cls, text: str) -> User:
+        uid, gid, groups, home = text.split(":", 3)
+        return cls(int(uid), int(gid), tuple(int(g) for g in groups.split(",") if g), home)
+
+
+ROOT = User()
+
+
 @dataclass(frozen=True, slots=True)
 class ImageLayers:
     """An image's unpacked layers: directories named `layers` (bottom first) under `store`,
     whose files belong to host root; `workdir` is where its commands start (None:
-    /workspace)."""
+    /workspace), `user` whom its start command and commands run as."""
 
     store: Path
     layers: tuple[str, ...]
     workdir: str | None = None
+    user: User = ROOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,17 +192,31 @@ class Runtime(Protocol):
         ...
 
     async def exec(
-        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+        self,
+        handle: Handle,
+        env: Mapping[str, str],
+        command: str,
+        *,
+        cwd: str,
+        timeout: float,
+        user: User = ROOT,
     ) -> ExecResult:
-        """Run a shell command as the sandbox's root; past `timeout`, kill it and everything
-        it started and answer `timed_out`."""
+        """Run a shell command as `user`; past `timeout`, kill it and everything it started
+        and answer `timed_out`."""
         ...
 
     def spawn(
-        self, handle: Handle, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+        self,
+        handle: Handle,
+        env: Mapping[str, str],
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        stdin: bool,
+        user: User = ROOT,
     ) -> AbstractAsyncContextManager[Spawned]:
-        """Start `argv` as the sandbox's root, streaming its output; leaving the block kills
-        it and everything it started, if still running."""
+        """Start `argv` as `user`, streaming its output; leaving the block kills it and
+        everything it started, if still running."""
         ...
 
     async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:

@@ -22,10 +22,19 @@ from anyio.abc import ByteReceiveStream, TaskGroup
 from fleetctl.contract import ErrorType, SandboxStatus, job_files
 from fleetctl.server import api
 from fleetctl.server.proxy import Forwarder
-from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, Handle
+from fleetctl.server.runtime.base import (
+    ROOT,
+    ExecResult,
+    FileMissing,
+    FileRefused,
+    Handle,
+    User,
+)
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
 from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
+from fleetctl.server.service.users import MAX_FILE, UnknownUser
+from fleetctl.server.service.users import resolve as resolve_user
 from fleetctl.server.store import ExposureRecord, SandboxRecord
 
 log = logging.getLogger("fleetctl.server")
@@ -39,6 +48,12 @@ def workdir(record: SandboxRecord) -> str:
     """Where a command runs unless it says: the image's WorkingDir, else /workspace."""
     image = record.request.get("image") or {}
     return str(image.get("workdir") or DEFAULT_WORKDIR)
+
+
+def default_user(record: SandboxRecord) -> User:
+    """Whom a command runs as unless it says: the image's User, else root."""
+    text = (record.request.get("image") or {}).get("user")
+    return User.decode(str(text)) if text else ROOT
 
 
 class DataPlane:
@@ -118,13 +133,7 @@ class DataPlane:
 
     async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
         handle = await self.live(sandbox_id)
-        if request.user not in (None, *ROOT_USERS):
-            # Each sandbox's user namespace maps one user (its root); running as another
-            # would need a uid range per sandbox. Refuse rather than silently run as root.
-            raise Refused(
-                f"cannot run as user {request.user!r}: sandboxes of this server "
-                "have only their root user"
-            )
+        user = await self.user(sandbox_id, handle, request.user)
         env = {**self.shared.env.get(sandbox_id, {}), **request.env}
         with self.in_use(sandbox_id):
             result = await self.shared.runtime.exec(
@@ -133,10 +142,31 @@ class DataPlane:
                 request.command,
                 cwd=request.working_dir or workdir(self.lifecycle.get(sandbox_id)),
                 timeout=request.timeout,
+                user=user,
             )
         if await self.settle(sandbox_id):
             raise NotRunning(self.lifecycle.get(sandbox_id))
         return result
+
+    async def user(self, sandbox_id: str, handle: Handle, asked: str | None) -> User:
+        """Whom a command runs as: `asked` (a name or id, optionally with :group, resolved
+        in the sandbox's own passwd and group files as they are now), else the image's."""
+        if asked is None:
+            return default_user(self.lifecycle.get(sandbox_id))
+        if asked in ROOT_USERS:
+            return ROOT
+        passwd, group = [await self._etc(handle, name) for name in ("passwd", "group")]
+        try:
+            return resolve_user(asked, passwd, group)
+        except UnknownUser as exc:
+            raise Refused(f"cannot run as user {asked!r}: {exc}") from None
+
+    async def _etc(self, handle: Handle, name: str) -> str:
+        try:
+            found = await self.shared.runtime.read_file(handle, f"/etc/{name}", 0, MAX_FILE)
+        except (FileMissing, FileRefused):
+            return ""
+        return found.content.decode("utf-8", "replace")
 
     async def settle(self, sandbox_id: str) -> bool:
         """After a command ended: an OOM kill ends the sandbox (True), and the command's

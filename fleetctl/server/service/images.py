@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from fleetctl.contract import ErrorType
 from fleetctl.server.images.flatten import flatten
 from fleetctl.server.images.importer import import_archive
 from fleetctl.server.images.pull import Image, Puller, PullInProgress
@@ -26,6 +27,7 @@ from fleetctl.server.images.reference import BadReference, parse
 from fleetctl.server.images.registry import PullError, Unreachable
 from fleetctl.server.runtime.base import ImageLayers
 from fleetctl.server.service.state import Busy, NotFound, Refused, Shared, Unsupported
+from fleetctl.server.service.users import UnknownUser, image_user
 
 HOST_SOURCE = "host root filesystem (read-only lower layer)"
 #: What an image's Env may set (a registry's config is not trusted to name more).
@@ -35,6 +37,14 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class ImageFailed(Exception):
     """The image cannot run; the message is the reason the sandbox records."""
 
+    error_type = ErrorType.IMAGE_PULL_FAILED
+
+
+class ImageUserUnknown(ImageFailed):
+    """The image names a user its own passwd or group file does not have."""
+
+    error_type = ErrorType.START_FAILED
+
 
 @dataclass(frozen=True)
 class RootFs:
@@ -43,7 +53,7 @@ class RootFs:
     layers: ImageLayers | None
     source: str
     env: dict[str, str] = field(default_factory=dict)
-    image: dict[str, str] = field(default_factory=dict)  # ref, digest, workdir (recorded)
+    image: dict[str, str] = field(default_factory=dict)  # ref, digest, workdir, user (recorded)
     warning: str | None = None
 
 
@@ -74,7 +84,7 @@ async def root_for(puller: Puller | None, policy: str, name: str, max_layers: in
         cut = len(layers) - max_layers + 1
         merged = await anyio.to_thread.run_sync(flatten, puller.store, list(image.layers[:cut]))
         layers = [merged, *layers[cut:]]
-    return _from_image(puller, image, layers)
+    return await anyio.to_thread.run_sync(_from_image, puller, image, layers)  # reads files
 
 
 def _from_image(puller: Puller, image: Image, layers: list[str]) -> RootFs:
@@ -85,15 +95,14 @@ def _from_image(puller: Puller, image: Image, layers: list[str]) -> RootFs:
         if sep and _ENV_NAME.fullmatch(key) and "\0" not in value:
             env[key] = value
     workdir = str(config.get("WorkingDir") or "") or None
-    stack = ImageLayers(puller.store.layers, tuple(layers), workdir)
-    recorded = {"ref": image.ref, "digest": image.digest, "workdir": workdir or ""}
-    user = str(config.get("User") or "")
-    warning = None
-    if user and user not in ("root", "0", "root:root", "0:0"):
-        warning = (
-            f"WARNING: image user {user!r} is not supported yet: commands run as the sandbox's root"
-        )
-    return RootFs(stack, f"image {image.ref} ({image.digest})", env, recorded, warning)
+    try:
+        user = image_user(str(config.get("User") or ""), [puller.store.layers / k for k in layers])
+    except UnknownUser as exc:
+        raise ImageUserUnknown(f"image {image.ref}: {exc}") from None
+    stack = ImageLayers(puller.store.layers, tuple(layers), workdir, user)
+    recorded = {"ref": image.ref, "digest": image.digest, "workdir": workdir or "",
+                "user": user.encode()}  # fmt: skip
+    return RootFs(stack, f"image {image.ref} ({image.digest})", env, recorded)
 
 
 class Images:

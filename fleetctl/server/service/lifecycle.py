@@ -122,7 +122,7 @@ class Lifecycle:
         except ImageFailed as exc:
             self.runtime.append_log(record.id, f"[fleetctl] {exc}\n")
             await self.finish(record.id, SandboxStatus.ERROR,
-                              error_type=ErrorType.IMAGE_PULL_FAILED, message=str(exc))  # fmt: skip
+                              error_type=exc.error_type, message=str(exc))  # fmt: skip
             return
         if root.warning:
             self.runtime.append_log(record.id, f"[fleetctl] {root.warning}\n")

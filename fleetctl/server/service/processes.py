@@ -76,6 +76,7 @@ class Command:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     cwd: str | None  # None: the image's WorkingDir, else /workspace
+    user: str | None = None  # None: the image's User, else root
 
 
 @dataclass(eq=False, slots=True)
@@ -189,11 +190,14 @@ class Processes:
             return self._subscribe(known, owner=False)
         if sum(1 for p in processes.values() if p.ended is None) >= MAX_PER_SANDBOX:
             raise Crowded(f"sandbox {sandbox_id} already runs {MAX_PER_SANDBOX} processes")
+        user = await self.data.user(sandbox_id, handle, command.user)
         process = Process(sandbox_id, session_uuid or uuid.uuid4().hex, command, session_uuid)
         processes[process.key] = process
         env = {**self.shared.env.get(sandbox_id, {}), **command.env}  # the sandbox's, then its own
         cwd = command.cwd or workdir(self.lifecycle.get(sandbox_id))
-        spawn = self.shared.runtime.spawn(handle, env, command.argv, cwd=cwd, stdin=stdin)
+        spawn = self.shared.runtime.spawn(
+            handle, env, command.argv, cwd=cwd, stdin=stdin, user=user
+        )
         reader = self._subscribe(process, owner=session_uuid is None)  # before any output
         assert self._group is not None, "processes not started"
         try:

@@ -1,13 +1,18 @@
-"""Idmapped mounts: a directory shown with its files' owner changed, without touching them.
+"""A sandbox's own host ids, and idmapped mounts: a directory shown with its files' owners
+changed, without touching them.
 
-A checkpoint's files belong to the host uid of the sandbox it was taken from. Another
-sandbox's user namespace maps only its own uid, so to it they would belong to nobody:
+Each sandbox's user namespace maps its ids 0..ID_RANGE-1 to a host range of its own,
+written by the server (root) while bwrap waits (`map_sandbox_ids`), as a container
+runtime does with subordinate ids.
+
+A checkpoint's files belong to the host range of the sandbox it was taken from. Another
+sandbox's user namespace maps only its own range, so to it they would belong to nobody:
 unwritable, and overlayfs could not copy them up. An idmapped mount of the layer, made
-for each sandbox that stacks it, shows the owner's files as the sandbox's own, while the
-layer on disk stays shared and untouched (mount_setattr(2) with MOUNT_ATTR_IDMAP, Linux
-5.12+; overlayfs takes idmapped lower layers since 5.19).
+for each sandbox that stacks it, shows the owner range's files as the sandbox's own,
+while the layer on disk stays shared and untouched (mount_setattr(2) with
+MOUNT_ATTR_IDMAP, Linux 5.12+; overlayfs takes idmapped lower layers since 5.19).
 
-    mount_idmapped(source, target, owner=S, as_uid=T)   # files of S appear as T's
+    mount_idmapped(source, target, owner=S, as_uid=T)   # files of S+n appear as T+n's
     unmount(target)
 """
 
@@ -19,6 +24,8 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+
+from fleetctl.server.runtime.base import ID_RANGE
 
 # syscall numbers (x86_64 and aarch64 share these, from the generic table)
 SYS_OPEN_TREE = 428
@@ -52,9 +59,23 @@ def _check(result: int, what: str) -> int:
     return result
 
 
+def map_sandbox_ids(pid: int, base: int, nsenter: str) -> None:
+    """Map the ids of the new user namespace of `pid` (bwrap's sandbox, waiting on its
+    --userns-block-fd) to the host range from `base`, and let nothing in it make another
+    user namespace: its user.max_user_namespaces is set to 0 from inside (what bwrap's
+    --disable-userns does, which cannot be combined with ids mapped from outside)."""
+    for kind in ("uid_map", "gid_map"):
+        Path(f"/proc/{pid}/{kind}").write_text(f"0 {base} {ID_RANGE}\n")
+    subprocess.run(
+        [nsenter, f"--user=/proc/{pid}/ns/user", SH, "-c",
+         "echo 0 > /proc/sys/user/max_user_namespaces"],
+        env={"PATH": "/usr/bin:/bin"}, check=True, capture_output=True,
+    )  # fmt: skip
+
+
 def _userns(owner: int, as_uid: int) -> int:
-    """An fd of a new user namespace mapping uid and gid `owner` (inside) to `as_uid`
-    (outside). `unshare --user` makes it and waits (on its stdin) until the maps are
+    """An fd of a new user namespace mapping the ids from `owner` (inside) to those from
+    `as_uid` (outside). `unshare --user` makes it and waits (on its stdin) until the maps are
     written and the fd is open: spawned, not forked, so its cost does not grow with the
     server's memory, and it inherits no descriptor of a concurrent call."""
     helper = subprocess.Popen(
@@ -67,7 +88,7 @@ def _userns(owner: int, as_uid: int) -> int:
         if helper.stdout.read(2) != b"R\n":
             raise OSError("could not make a user namespace for an idmapped mount")
         for kind in ("uid_map", "gid_map"):
-            Path(f"/proc/{helper.pid}/{kind}").write_text(f"{owner} {as_uid} 1\n")
+            Path(f"/proc/{helper.pid}/{kind}").write_text(f"{owner} {as_uid} {ID_RANGE}\n")
         return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         helper.stdin.close()
@@ -77,7 +98,7 @@ def _userns(owner: int, as_uid: int) -> int:
 
 def mount_idmapped(source: Path, target: Path, *, owner: int, as_uid: int) -> None:
     """Mount `source` at `target` (an existing empty directory) so that files of uid and
-    gid `owner` appear as `as_uid`'s. Root only."""
+    gid `owner` + n appear as `as_uid` + n's (n below ID_RANGE). Root only."""
     userns = _userns(owner, as_uid)
     try:
         tree = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),

@@ -1,7 +1,8 @@
 """Running things inside a bubblewrap sandbox: commands and file transfers.
 
-`nsenter` joins every namespace of the sandbox's init process, `setpriv` drops
-every capability, then a shell runs as the sandbox's root. Files move in and
+`nsenter` joins every namespace of the sandbox's init process, `setpriv` drops every
+capability a container's root would not have (and, for another user, switches to it),
+then a shell runs as the sandbox's root or that user. Files move in and
 out the same way, as the sandbox's own root, so a symlink a sandbox plants can
 never point a host-side open() outside it. Host-side processes get a fixed
 environment and absolute tool paths: nothing a caller chooses may steer a tool
@@ -23,11 +24,20 @@ from typing import Any
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from fleetctl.server.runtime.base import ExecResult, FileMissing, FileRefused, FileSlice
+from fleetctl.server.runtime.base import (
+    ROOT,
+    ExecResult,
+    FileMissing,
+    FileRefused,
+    FileSlice,
+    User,
+)
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
-from fleetctl.server.runtime.bwrap.layout import tools_argv
+from fleetctl.server.runtime.bwrap.layout import CONTAINER_CAPS, tools_argv
 
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Commands keep what the sandbox's root may do (a root shell has it, another user none).
+BOUNDING_SET = "--bounding-set=-all," + ",".join(f"+{c.lower()}" for c in CONTAINER_CAPS)
 #: The whole environment of every host-side process (shim, setpriv, bwrap, nsenter).
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 MAX_CAPTURE = 16 * 1024 * 1024
@@ -45,25 +55,26 @@ class Entry:
     init_pid: int
     cgroup: Cgroup | None
 
-    def argv(self, script: str, *args: str) -> list[str]:
+    def argv(self, script: str, *args: str, user: User = ROOT) -> list[str]:
         # setpriv runs inside (after nsenter -r), from the read-only /.fleetctl
         argv = [
             self.nsenter, "-t", str(self.init_pid), "-a", "-r",
-            *tools_argv("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"),
+            *tools_argv("setpriv", *as_user(user), "--inh-caps=-all", BOUNDING_SET,
+                        "--no-new-privs"),
             "/bin/sh", "-c", script, "sh", *args,
         ]  # fmt: skip
         return in_cgroup(self.cgroup, argv)
 
     @asynccontextmanager
-    async def enter(self, script: str, *args: str) -> AsyncIterator[Process]:
-        """Run a shell script inside as the sandbox's root, capabilities dropped.
+    async def enter(self, script: str, *args: str, user: User = ROOT) -> AsyncIterator[Process]:
+        """Run a shell script inside as `user` (the sandbox's root), capabilities dropped.
 
         The script sees only the base sandbox environment. The process leads its own
         process group, which is killed on exit from the block if still running
         (timeouts, cancelled requests).
         """
         process = await anyio.open_process(
-            self.argv(script, *args),
+            self.argv(script, *args, user=user),
             env=HOST_ENV,
             start_new_session=True,
             extra_groups=[],  # no host supplementary groups (gid 0) inside
@@ -77,13 +88,13 @@ class Entry:
                 await process.aclose()
 
     async def exec(
-        self, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+        self, env: Mapping[str, str], command: str, *, cwd: str, timeout: float, user: User
     ) -> ExecResult:
-        """Run `command` in `cwd`; past `timeout` its process group is killed."""
+        """Run `command` in `cwd` as `user`; past `timeout` its process group is killed."""
         # eval in the shell that loaded the environment and changed directory (one exec
         # fewer than `sh -c`)
         script = f'{LOAD_ENV}; cd -- "$1" || exit 1; shift; eval "$1"'
-        async with self.enter(script, cwd, command) as process:
+        async with self.enter(script, cwd, command, user=user) as process:
             out, err = bytearray(), bytearray()
             with anyio.move_on_after(timeout) as scope:
                 async with anyio.create_task_group() as group:
@@ -92,7 +103,7 @@ class Entry:
                     group.start_soon(_collect, process.stdout, out)
                     group.start_soon(_collect, process.stderr, err)
                     if process.stdin is not None:
-                        await process.stdin.send(env_lines(sandbox_env(env)))
+                        await process.stdin.send(env_lines(sandbox_env(env, user)))
                         await process.stdin.aclose()
                 await process.wait()
             if scope.cancelled_caught:
@@ -102,17 +113,17 @@ class Entry:
 
     @asynccontextmanager
     async def spawn(
-        self, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+        self, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool, user: User
     ) -> AsyncIterator[Started]:
-        """Start `argv` in `cwd` with its output on pipes (and its stdin, with `stdin`).
+        """Start `argv` in `cwd` as `user`, its output on pipes (and its stdin, with `stdin`).
 
         The shell inside loads the environment, says its pid on the first line of stdout,
         changes directory and execs `argv`, so the pid is the command's own."""
         script = f'{LOAD_ENV}; printf "%s\\n" "$$"; cd -- "$1" || exit 1; shift; exec "$@"'
-        async with self.enter(script, cwd, *argv) as process:
+        async with self.enter(script, cwd, *argv, user=user) as process:
             assert process.stdin is not None
             assert process.stdout is not None
-            await process.stdin.send(env_lines(sandbox_env(env)))
+            await process.stdin.send(env_lines(sandbox_env(env, user)))
             if not stdin:
                 await process.stdin.aclose()
             said = await _read_line(process.stdout)
@@ -220,9 +231,17 @@ def env_lines(env: Mapping[str, str]) -> bytes:
     return ("\n".join([*lines, "__env_end__"]) + "\n").encode()
 
 
-def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
+def sandbox_env(extra: Mapping[str, str], user: User = ROOT) -> dict[str, str]:
     """The environment every process of a sandbox starts from, then `extra`."""
-    return {"PATH": SANDBOX_PATH, "HOME": "/root", "LANG": "C.UTF-8", **extra}
+    return {"PATH": SANDBOX_PATH, "HOME": user.home, "LANG": "C.UTF-8", **extra}
+
+
+def as_user(user: User) -> list[str]:
+    """setpriv's options that switch to `user` (none for root: nsenter made it root)."""
+    if user == ROOT:
+        return []
+    groups = f"--groups={','.join(map(str, user.groups))}" if user.groups else "--clear-groups"
+    return [f"--reuid={user.uid}", f"--regid={user.gid}", groups]
 
 
 def in_cgroup(cgroup: Cgroup | None, argv: list[str]) -> list[str]:

@@ -2,25 +2,28 @@
 arguments that mount them, and a bwrap binary the sandbox users can execute.
 
 On the host's root filesystem, only /workspace, the overlay work dirs and the /usr/local
-tree belong to the sandbox's uid: /etc and the rest of /usr stay root's. On an image, the
-whole root is the sandbox's (its layers are shown through an idmapped mount, their root's
-files as the sandbox root's), so root inside can install into the image's own
-directories as in a container. Either way the tools that enter a sandbox (setpriv holds
-namespace capabilities for a moment) come from /.fleetctl, read-only, with their own
-loader and libraries, never from the sandbox's files; the image's /etc/ld.so.preload is
-covered by an empty read-only file.
+tree belong to the sandbox's root: /etc and the rest of /usr stay the host root's. On an
+image, the whole root is the sandbox's (its layers are shown through an idmapped mount,
+each file as the sandbox's user of the same id), so root inside can install into the
+image's own directories as in a container; /workspace belongs to the image's user.
+Either way the tools that enter a sandbox (setpriv holds namespace capabilities for a
+moment) come from /.fleetctl, read-only, with their own loader and libraries, never from
+the sandbox's files; the image's /etc/ld.so.preload is covered by an empty read-only
+file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO, Any
 
 from fleetctl.server.runtime.base import (
     MAX_CHECKPOINT_DEPTH,
@@ -38,6 +41,13 @@ IMAGE_ROOT = "root"
 MAX_LOWERDIR = 3500
 #: Where the tools that commands enter through are shown inside every sandbox.
 TOOLS_MOUNT = "/.fleetctl"
+#: What root inside a sandbox may do, as in a container (Docker's default set): switch to
+#: its other users, own and read its own files whoever they belong to. Capabilities of the
+#: sandbox's user namespace, so only over its own ids, files and processes; never
+#: CAP_SYS_ADMIN (mounts), CAP_SYS_PTRACE or a capability over the host.
+CONTAINER_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+                  "SETPCAP", "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "MKNOD",
+                  "AUDIT_WRITE", "SETFCAP")  # fmt: skip
 #: Created in the upper layer, owned by the sandbox, so that root inside can
 #: install into them (e.g. `pip install`) although the host's copies are root's.
 WRITABLE_DIRS = (
@@ -86,8 +96,9 @@ def image_dir(home: Path) -> Path:
 
 
 def make_home(home: Path, image: ImageLayers | None, uid: int, layers: int = 0) -> None:
-    """Make a sandbox's directories and overlay layers under `home`, owned as the module
-    docstring says (and a mount point for each of `layers` checkpoint layers)."""
+    """Make a sandbox's directories and overlay layers under `home` for the sandbox whose
+    ids start at host `uid`, owned as the module docstring says (and a mount point for each
+    of `layers` checkpoint layers)."""
     home.mkdir(mode=0o700)
     owned = [home, home / "work", home / "workspace"]
     if layers:
@@ -103,6 +114,8 @@ def make_home(home: Path, image: ImageLayers | None, uid: int, layers: int = 0) 
         if not path.is_symlink():
             path.mkdir(parents=True, exist_ok=True)
         os.lchown(path, uid, uid)
+    if image is not None and image.user.uid != 0:  # the image's user works in /workspace
+        os.chown(home / "workspace", uid + image.user.uid, uid + image.user.gid)
 
 
 def _host_layers(home: Path, owned: list[Path]) -> None:
@@ -126,9 +139,14 @@ def bwrap_args(spec: LaunchSpec, home: Path, tools: Path) -> list[str]:
     sandbox's own writable layer, and under its workspace, which is then an overlay too.
     `tools` (what commands enter through) is shown read-only at /.fleetctl."""
     layers = [layer_dir(home, i) for i in range(len(spec.layers))]
-    # --disable-userns: no nested user namespace in which to regain capabilities
-    args = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+    # no nested user namespace in which to regain capabilities: `map_sandbox_ids` sets the
+    # sandbox's user.max_user_namespaces to 0 (bwrap's --disable-userns does the same, but
+    # not with ids mapped from outside)
+    args = ["--unshare-all", "--unshare-user", "--cap-drop", "ALL",
             "--new-session", "--clearenv", "--hostname", spec.id[:63]]  # fmt: skip
+    if spec.image is None or spec.image.user.uid == 0:  # an image's other user gets none
+        args += ["--cap-add", ",".join(f"CAP_{name}" for name in CONTAINER_CAPS)]
+    args.append("--assert-userns-disabled")  # `map_sandbox_ids` did it: bwrap checks
     if spec.network:
         args.append("--share-net")
     workdir = "/workspace"
@@ -174,9 +192,10 @@ def _host_root(home: Path, layers: list[Path]) -> list[str]:
         if (root / name).is_symlink():
             args += ["--symlink", os.readlink(root / name), f"/{name}"]
     args += ["--proc", "/proc", "--dev", "/dev"]
-    for directory in ("/tmp", "/root", "/run"):
+    for directory in ("/root", "/run"):
         args += ["--tmpfs", directory]
-    return [*args, "--dir", "/var/tmp"]
+    # writable by every user of the sandbox, sticky, as on any Linux system
+    return [*args, "--perms", "1777", "--tmpfs", "/tmp", "--perms", "1777", "--dir", "/var/tmp"]
 
 
 @contextlib.contextmanager
@@ -258,3 +277,23 @@ def tools_argv(*argv: str) -> list[str]:
     sandbox's: no ld.so.cache, and only /.fleetctl searched)."""
     return [f"{TOOLS_MOUNT}/ld.so", "--inhibit-cache", "--library-path", TOOLS_MOUNT,
             f"{TOOLS_MOUNT}/{argv[0]}", *argv[1:]]  # fmt: skip
+
+
+def setenv_args(env: Mapping[str, str]) -> bytes:
+    """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples (a NUL inside one
+    would start another argument: refused)."""
+    if any("\0" in text for pair in env.items() for text in pair):
+        raise RuntimeFailure("an environment variable holds a NUL character")
+    return b"".join(
+        b"\0".join([b"--setenv", k.encode(), v.encode()]) + b"\0" for k, v in env.items()
+    )
+
+
+def read_info(info: IO[bytes]) -> dict[str, Any]:
+    """bwrap's --info-fd JSON (both bwrap processes close the pipe once it is written,
+    before the sandbox waits for its ids); empty when bwrap ended first."""
+    with contextlib.suppress(ValueError):
+        found = json.loads(info.read())
+        if isinstance(found, dict) and "child-pid" in found:
+            return found
+    return {}

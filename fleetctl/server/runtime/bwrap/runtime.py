@@ -1,8 +1,9 @@
 """How a sandbox really runs: bubblewrap, a per-sandbox overlay root, cgroups.
 
 A sandbox is a `bwrap --unshare-all --cap-drop ALL` process tree started under
-`setpriv` as the sandbox's own host uid, so root inside maps to an unprivileged
-user outside (host files owned by root, like /etc/shadow, stay unreadable).
+`setpriv` as a host uid of the sandbox's own range, which its user namespace maps to
+ids 0..65535 inside: root inside is an unprivileged user outside (host files owned by
+root, like /etc/shadow, stay unreadable), and an image's user runs as itself.
 Its root filesystem is an image's layers, or the host's /usr and /etc (with private
 tmpfs /tmp, /root, /run), as read-only overlay lowers under a per-sandbox upper layer;
 /workspace is the sandbox's own directory.
@@ -21,16 +22,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from anyio.abc import ByteReceiveStream
 
 from fleetctl.server.runtime.base import (
+    ID_RANGE,
+    ROOT,
     ExecResult,
     FileSlice,
     Handle,
@@ -39,10 +40,19 @@ from fleetctl.server.runtime.base import (
     RuntimeFailure,
     Spawned,
     Usage,
+    User,
 )
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
+from fleetctl.server.runtime.bwrap.handle import (
+    NEVER,
+    SandboxHandle,
+    kill_pid,
+    send_signal,
+    start_time,
+    until,
+)
 from fleetctl.server.runtime.bwrap.host import HostReport
-from fleetctl.server.runtime.bwrap.idmap import mounts_under, unmount
+from fleetctl.server.runtime.bwrap.idmap import map_sandbox_ids, mounts_under, unmount
 from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, sandbox_env
 from fleetctl.server.runtime.bwrap.layout import (
     bwrap_args,
@@ -52,45 +62,18 @@ from fleetctl.server.runtime.bwrap.layout import (
     layers_mounted,
     make_home,
     max_image_layers,
+    read_info,
+    setenv_args,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
 
-#: How long killed sandbox processes may take to leave their cgroup.
-KILL_WAIT_S = 30.0
-#: Host uids for sandboxes start here; each sandbox gets its own (base + seq).
-UID_BASE = 1_000_000_000
-UID_SPAN = 100_000_000
-#: The start time recorded for a main process that ended before it could be read: no
-#: process has it, so the sandbox is never taken for alive.
-NEVER = -1
+#: Host ids for sandboxes start here; each sandbox gets ID_RANGE of its own (by its seq),
+#: above the single uids (1e9 to 1.1e9) of sandboxes started by older servers.
+UID_BASE = 1_100_000_000
+UID_SLOTS = (2**32 - 2 - UID_BASE) // ID_RANGE
+Child = subprocess.Popen[bytes]
 #: How this runtime keeps a sandbox with no main process of its own alive.
 IDLE = "exec sleep infinity"
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxHandle:
-    """How to find a running sandbox again; kept in the database (no secrets)."""
-
-    id: str
-    uid: int
-    bwrap_pid: int
-    init_pid: int
-    init_start: int
-    cgroup_version: int | None
-    cgroup_paths: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Handle) -> SandboxHandle:
-        return cls(**{**data, "cgroup_paths": tuple(data["cgroup_paths"])})
-
-    @property
-    def cgroup(self) -> Cgroup | None:
-        if self.cgroup_version is None:
-            return None
-        return Cgroup(self.cgroup_version, tuple(Path(p) for p in self.cgroup_paths))
 
 
 class BwrapRuntime:
@@ -115,7 +98,7 @@ class BwrapRuntime:
         self.checkpoints.mkdir(mode=0o700, exist_ok=True)
         self.bwrap = install_bwrap(data_dir, host.bwrap)
         self.tools = install_tools(data_dir, self.host_tool("setpriv"))
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._children: dict[str, Child] = {}
 
     @property
     def can_limit(self) -> bool:
@@ -136,7 +119,7 @@ class BwrapRuntime:
 
     def start(self, spec: LaunchSpec) -> Handle:
         """Start a sandbox and return once its main process runs (blocking)."""
-        uid = UID_BASE + spec.seq % UID_SPAN
+        uid = UID_BASE + spec.seq % UID_SLOTS * ID_RANGE
         home = self.sandbox_dir(spec.id)
         make_home(home, spec.image, uid, len(spec.layers))
         with layers_mounted(spec, home, uid):
@@ -152,6 +135,7 @@ class BwrapRuntime:
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         args_r, args_w = os.pipe()
+        block_r, block_w = os.pipe()
         log = open(self.log_path(spec.id), "ab")  # noqa: SIM115 - handed to the child
         status = os.open(meta / "status.json", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         command = spec.start_command or IDLE
@@ -159,17 +143,18 @@ class BwrapRuntime:
         # closes it and becomes the start command. The pipe is handed over as
         # stdin because dash cannot name descriptors above 9.
         script = 'printf R >&0; exec </dev/null; exec /bin/sh -c "$0"'
+        # bwrap runs as the host id its user becomes inside once the range is mapped
+        user = spec.image.user if spec.image else ROOT
+        groups = ",".join(str(uid + g) for g in user.groups)
         argv = [
             self.host_tool("setpriv"),
-            f"--reuid={uid}",
-            f"--regid={uid}",
-            "--clear-groups",
+            f"--reuid={uid + user.uid}",
+            f"--regid={uid + user.gid}",
+            f"--groups={groups}" if groups else "--clear-groups",
             self.bwrap,
-            "--uid",
-            "0",
-            "--gid",
-            "0",
             *bwrap_args(spec, home, self.tools),
+            "--userns-block-fd",
+            str(block_r),
             "--args",
             str(args_r),
             "--info-fd",
@@ -181,38 +166,42 @@ class BwrapRuntime:
             script,
             command,
         ]
+        child: Child | None = None
         try:
-            child = subprocess.Popen(
-                in_cgroup(cgroup, argv),
-                env=HOST_ENV,
-                stdin=ready_w,
-                stdout=log,
-                stderr=log,
-                pass_fds=(info_w, status, args_r),
-                start_new_session=True,
-            )
-            # The sandbox's environment (secrets included) reaches bwrap as
-            # --setenv pairs through a pipe: never in a host process's argv or
-            # initial environment, where `ps` or a PATH/LD_PRELOAD could use it.
             with os.fdopen(args_w, "wb") as pairs:
-                pairs.write(_setenv_args(sandbox_env(spec.env)))
+                child = subprocess.Popen(
+                    in_cgroup(cgroup, argv),
+                    env=HOST_ENV,
+                    stdin=ready_w,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(info_w, status, args_r, block_r),
+                    start_new_session=True,
+                )
+                # The sandbox's environment (secrets included) reaches bwrap as
+                # --setenv pairs through a pipe: never in a host process's argv or
+                # initial environment, where `ps` or a PATH/LD_PRELOAD could use it.
+                pairs.write(setenv_args(sandbox_env(spec.env, user)))
+        except BaseException:
+            for fd in (info_r, ready_r, block_w):
+                os.close(fd)
+            self._abandon(child, cgroup)
+            raise
         finally:
-            for fd in (info_w, ready_w, status, args_r):
+            for fd in (info_w, ready_w, status, args_r, block_r):
                 os.close(fd)
             log.close()
         with os.fdopen(info_r, "rb") as info_file, os.fdopen(ready_r, "rb") as ready_file:
-            info = info_file.read()
+            info = read_info(info_file)
+            self._unblock(spec.id, info, uid, child, block_w)
             ready = ready_file.read(1)
         if ready != b"R":
-            child.kill()
-            child.wait()
-            if cgroup is not None:
-                _until(cgroup.remove)
+            self._abandon(child, cgroup)
             raise RuntimeFailure(f"sandbox failed to start: {self.logs(spec.id, 400)}")
-        init_pid = int(json.loads(info)["child-pid"])
+        init_pid = int(info["child-pid"])
         self._children[spec.id] = child
         try:
-            init_start = _start_time(init_pid)
+            init_start = start_time(init_pid)
         except OSError:  # it ran and already ended (`exit 3`): started, and not alive
             init_start = NEVER
         return SandboxHandle(
@@ -224,6 +213,31 @@ class BwrapRuntime:
             cgroup_version=cgroup.version if cgroup else None,
             cgroup_paths=tuple(str(p) for p in cgroup.paths) if cgroup else (),
         ).to_json()
+
+    def _unblock(
+        self, sandbox_id: str, info: dict[str, Any], uid: int, child: Child, block_w: int
+    ) -> None:
+        """Map the ids of the sandbox bwrap made (`info`: empty when bwrap ended), then let
+        it go on (it waits on the other end of `block_w`); on failure, kill it first."""
+        try:
+            if info:
+                map_sandbox_ids(int(info["child-pid"]), uid, self.host_tool("nsenter"))
+                os.write(block_w, b"1")
+        except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+            self.append_log(sandbox_id, f"[fleetctl] cannot map the sandbox's ids: {exc}\n")
+            kill_pid(int(info["child-pid"]))  # before it is unblocked, unmapped
+            child.kill()
+        finally:
+            os.close(block_w)
+
+    @staticmethod
+    def _abandon(child: Child | None, cgroup: Cgroup | None) -> None:
+        """Undo a start cut short: its bwrap killed, its cgroup removed."""
+        if child is not None:
+            child.kill()
+            child.wait()
+        if cgroup is not None:
+            until(cgroup.remove)
 
     def usage(self, handle: Handle) -> Usage:
         found = SandboxHandle.from_json(handle)
@@ -237,7 +251,7 @@ class BwrapRuntime:
         if child is not None and child.poll() is not None:
             return False
         try:
-            return _start_time(handle.init_pid) == handle.init_start
+            return start_time(handle.init_pid) == handle.init_start
         except OSError:
             return False
 
@@ -267,7 +281,7 @@ class BwrapRuntime:
         (into / "upper").mkdir()
         paused = found.cgroup.pids() if found.cgroup else set()
         for pid in paused:  # a consistent copy: nothing writes while it is taken
-            _signal(pid, signal.SIGSTOP)
+            send_signal(pid, signal.SIGSTOP)
         try:
             parts = [str(p.relative_to(home)) for p in (home / "upper").iterdir()]
             for part in [*parts, "workspace"]:
@@ -279,7 +293,7 @@ class BwrapRuntime:
             raise RuntimeFailure(f"cannot copy the sandbox: {exc.stderr.decode()[:400]}") from None
         finally:
             for pid in paused:
-                _signal(pid, signal.SIGCONT)
+                send_signal(pid, signal.SIGCONT)
         return {"path": str(into), "owner": found.uid}, _tree_bytes(into)
 
     def drop_layer(self, layer: Layer) -> None:
@@ -307,8 +321,8 @@ class BwrapRuntime:
 
     def _kill(self, handle: SandboxHandle) -> None:
         if self._alive(handle):
-            _kill(handle.bwrap_pid)
-            _kill(handle.init_pid)
+            kill_pid(handle.bwrap_pid)
+            kill_pid(handle.init_pid)
 
     def stop(self, sandbox_id: str, handle: Handle | None) -> None:
         found = SandboxHandle.from_json(handle) if handle else None
@@ -316,7 +330,7 @@ class BwrapRuntime:
             self._kill(found)
         cgroup = found.cgroup if found else _existing_cgroup(sandbox_id)
         if cgroup is not None:
-            _until(cgroup.remove)
+            until(cgroup.remove)
         child = self._children.pop(sandbox_id, None)
         if child is not None:
             child.kill()
@@ -356,15 +370,30 @@ class BwrapRuntime:
         return Entry(self.host_tool("nsenter"), found.init_pid, found.cgroup)
 
     async def exec(
-        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, timeout: float
+        self,
+        handle: Handle,
+        env: Mapping[str, str],
+        command: str,
+        *,
+        cwd: str,
+        timeout: float,
+        user: User = ROOT,
     ) -> ExecResult:
-        return await self._entry(handle).exec(env, command, cwd=cwd, timeout=timeout)
+        return await self._entry(handle).exec(env, command, cwd=cwd, timeout=timeout, user=user)
 
     @asynccontextmanager
     async def spawn(
-        self, handle: Handle, env: Mapping[str, str], argv: Sequence[str], *, cwd: str, stdin: bool
+        self,
+        handle: Handle,
+        env: Mapping[str, str],
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        stdin: bool,
+        user: User = ROOT,
     ) -> AsyncIterator[Spawned]:
-        async with self._entry(handle).spawn(env, argv, cwd=cwd, stdin=stdin) as process:
+        entry = self._entry(handle)
+        async with entry.spawn(env, argv, cwd=cwd, stdin=stdin, user=user) as process:
             yield process
 
     async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:
@@ -400,42 +429,3 @@ def _tree_bytes(top: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
-
-
-def _signal(pid: int, number: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, number)
-
-
-def _setenv_args(env: Mapping[str, str]) -> bytes:
-    """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples."""
-    return b"".join(
-        b"\0".join([b"--setenv", k.encode(), v.encode()]) + b"\0" for k, v in env.items()
-    )
-
-
-def _start_time(pid: int) -> int:
-    """Process start time (clock ticks since boot): tells a pid apart from a reused one.
-
-    Raises ProcessLookupError for a process that is gone or a zombie.
-    """
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        raise ProcessLookupError(pid)
-    return int(fields[19])
-
-
-def _kill(pid: int) -> None:
-    _signal(pid, signal.SIGKILL)
-
-
-def _until(step: Callable[[], bool], limit_s: float = KILL_WAIT_S) -> None:
-    """Retry `step()` until it returns True: cgroups empty a few ms after SIGKILL, or
-    seconds later when the host's disk is saturated (a killed writer finishes its I/O)."""
-    deadline, delay = time.monotonic() + limit_s, 0.005
-    while not step():
-        if time.monotonic() >= deadline:
-            raise RuntimeFailure(f"sandbox processes did not exit {limit_s:g}s after SIGKILL")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.1)
