@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 MAX_ENTRIES = 1024
 DOMAIN_PORTS = frozenset({80, 443})
@@ -25,6 +26,30 @@ _PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 
 class EgressError(ValueError):
     """An entry or list that breaks the contract; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A valid entry, taken apart: an IPv4 address or CIDR (`network`) or a hostname
+    (`host`, possibly `*.`-wildcarded), and its ports (None: all)."""
+
+    target: str
+    ports: tuple[int, int] | None
+    is_network: bool
+
+
+def parse_entry(entry: str) -> Entry:
+    """The parts of `entry`; EgressError when it is not valid."""
+    check_entry(entry)
+    value = entry.strip()
+    ports = None
+    if ":" in value and not _is_network(value):
+        value, _, text = value.rpartition(":")
+        low, _, high = text.partition("-")
+        ports = (int(low), int(high or low))
+    if _is_network(value):
+        return Entry(str(ipaddress.ip_network(value, strict=False)), ports, True)
+    return Entry(value.rstrip(".").lower(), ports, False)
 
 
 def check_entry(entry: str) -> None:

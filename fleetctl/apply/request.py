@@ -26,6 +26,8 @@ def sandbox_request(
         memory_gb=desired.memory_gb,
         disk_size_gb=desired.disk_size_gb,
         network_access=desired.network_access,
+        network_allowlist=desired.egress.allow if desired.egress else None,
+        network_denylist=desired.egress.deny if desired.egress else None,
         environment_vars=dict(desired.env),
         secrets=dict(secrets) or None,
         **fields,

@@ -7,6 +7,7 @@ commands, so no other command loads them. Every option is declared once, in
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -145,12 +146,34 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
                 help="Most one image may unpack to; a pull past it fails (decompression bombs).",
             ),
         ] = DEFAULT_IMAGE_MAX_GB,
+        insecure_host_network: Annotated[
+            bool,
+            typer.Option(
+                "--insecure-host-network",
+                help="Let sandboxes with network access share this machine's network: they "
+                "reach its loopback services, the API and the LAN. Only where the server "
+                "cannot give each its own (not root, no nftables).",
+            ),
+        ] = False,
+        sandbox_dns: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--sandbox-dns",
+                metavar="IP",
+                help="A resolver (IPv4) sandboxes use, the only one they reach on port 53 "
+                "(repeatable). Default: this machine's, but for loopback ones.",
+                show_default=False,
+            ),
+        ] = None,
     ) -> None:
         if ctx.invoked_subcommand is not None:
             return
         from fleetctl.server.faults import parse_faults  # noqa: PLC0415 - only when run
         from fleetctl.server.ratelimit import parse_rate_limits  # noqa: PLC0415
 
+        for resolver in sandbox_dns or ():
+            if not _ipv4(resolver):
+                raise UsageError(f"--sandbox-dns {resolver!r}: not an IPv4 address")
         for parse, text in ((parse_rate_limits, rate_limit), (parse_faults, faults)):
             try:
                 parse(text)
@@ -159,7 +182,8 @@ def _command(run: Callable[[ServerOptions], None]) -> Callable[..., None]:
         run(ServerOptions(host, port, data_dir, image_policy.value, rate_limit, faults,
                           timeout_scale, tuple(api_key_file or ()), command_session,
                           tuple(insecure_registry or ()), tuple(registry_mirror or ()),
-                          image_max_gb))  # fmt: skip
+                          image_max_gb, insecure_host_network,
+                          tuple(sandbox_dns or ())))  # fmt: skip
 
     command.__doc__ = run.__doc__  # the help text (not update_wrapper: its __wrapped__
     return command  # would make typer read `run`'s signature instead)
@@ -230,3 +254,10 @@ def doctor() -> None:
     if not report.can_run:
         raise NotFound  # the problems above say why
     output.echo("ok: this host can run sandboxes")
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 4
+    except ValueError:
+        return False

@@ -86,6 +86,8 @@ def digest(sandbox: DesiredSandbox, secrets: Mapping[str, str], secret_key: byte
         "secrets": _keyed(secrets, secret_key),
         "labels": list(sandbox.labels),
     }
+    if sandbox.egress is not None:  # only when given: older sandboxes' digests stand
+        immutable["egress"] = sandbox.egress.model_dump()
     return _short(immutable)
 
 

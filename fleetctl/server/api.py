@@ -336,6 +336,31 @@ class Logs(BaseModel):
     logs: str
 
 
+class EgressLists(BaseModel):
+    """A sandbox's egress policy: at most one list; an empty allowlist denies everything,
+    an empty denylist allows everything (what ["*"] means to today's SDK)."""
+
+    allowlist: list[str] | None = None
+    denylist: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _lists(self) -> EgressLists:
+        try:
+            check_lists(self.allowlist, self.denylist)
+        except EgressError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class EgressPolicyStatus(BaseModel):
+    """Desired and applied egress policy (applied at once here)."""
+
+    policy: EgressLists
+    generation: int
+    applied_generation: int
+    applied: bool
+
+
 class Checkpoint(BaseModel):
     """A checkpoint as today's SDK reads it (snake_case only). States: PENDING, then
     DURABLE (it can be restored) or FAILED (`error` says why)."""

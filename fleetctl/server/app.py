@@ -68,6 +68,9 @@ def create_app(
         version=__version__,
         description="Real isolated sandboxes on this machine, behind the sandbox REST API.",
         lifespan=lifespan,
+        # an API answers the path it was asked, never a redirect to another resource
+        # (`GET /sandbox/` with an empty id is a 404, not the list)
+        redirect_slashes=False,
     )
     app.state.service = service
     app.state.api_keys = tuple(api_keys)

@@ -45,6 +45,10 @@ class ServerOptions:
     #: Docker Hub mirrors (URLs), tried in order before Docker Hub.
     registry_mirrors: tuple[str, ...] = ()
     image_max_gb: float = DEFAULT_IMAGE_MAX_GB
+    #: Sandboxes with network access share the server's network namespace (insecure).
+    insecure_host_network: bool = False
+    #: The resolvers sandboxes are given (empty: the host's, but for loopback ones).
+    sandbox_dns: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -70,6 +74,10 @@ class ServerOptions:
             args += ["--registry-mirror", mirror]
         if self.image_max_gb != DEFAULT_IMAGE_MAX_GB:
             args += ["--image-max-gb", str(self.image_max_gb)]
+        if self.insecure_host_network:
+            args += ["--insecure-host-network"]
+        for resolver in self.sandbox_dns:
+            args += ["--sandbox-dns", resolver]
         return args
 
 

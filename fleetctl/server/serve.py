@@ -24,6 +24,7 @@ from fleetctl.server.options import ServerOptions
 from fleetctl.server.runtime.base import RuntimeFailure
 from fleetctl.server.runtime.bwrap import BwrapRuntime
 from fleetctl.server.runtime.bwrap.host import probe
+from fleetctl.server.runtime.bwrap.network import Networks, host_resolvers
 from fleetctl.server.service import SandboxService, Settings
 from fleetctl.server.store import Store
 
@@ -33,7 +34,12 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
     data_dir = options.directory
     with _exclusive(data_dir):
         try:
-            runtime = BwrapRuntime(data_dir, probe())
+            networks = (
+                None
+                if options.insecure_host_network
+                else Networks(options.sandbox_dns or host_resolvers())
+            )
+            runtime = BwrapRuntime(data_dir, probe(), networks)
         except RuntimeFailure as exc:
             raise ServerError(f"{exc} (`fleetctl doctor` explains)") from None
         keys = (api_token(data_dir), *(_key_from(path) for path in options.api_key_files))

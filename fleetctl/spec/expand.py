@@ -13,6 +13,7 @@ from typing import Any
 
 from fleetctl.spec.models import (
     SETTING_DEFAULTS,
+    Egress,
     Exposure,
     FileSpec,
     FleetSpec,
@@ -52,6 +53,7 @@ class DesiredSandbox:
     files: tuple[FileSpec, ...]
     expose: tuple[Exposure, ...]
     jobs: tuple[Job, ...]
+    egress: Egress | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A display form with secrets redacted to their source (`<secret:from_env:NAME>`)."""
@@ -83,6 +85,7 @@ class DesiredSandbox:
             "files": [f.model_dump() for f in self.files],
             "expose": [e.model_dump() for e in self.expose],
             "jobs": [j.model_dump() for j in self.jobs],
+            "egress": self.egress.model_dump() if self.egress else None,
         }
 
     @classmethod
@@ -101,6 +104,7 @@ class DesiredSandbox:
             files=tuple(FileSpec.model_validate(f) for f in data["files"]),
             expose=tuple(Exposure.model_validate(e) for e in data["expose"]),
             jobs=tuple(Job.model_validate(j) for j in data["jobs"]),
+            egress=Egress.model_validate(data["egress"]) if data.get("egress") else None,
         )  # fmt: skip
 
 
@@ -183,6 +187,7 @@ def expand(spec: FleetSpec, spec_file: Path) -> Fleet:
                     files=files,
                     expose=tuple(settings["expose"]),
                     jobs=tuple(settings["jobs"]),
+                    egress=settings["egress"],
                 )
             )
     return Fleet(spec.name, str(spec_file), tuple(spec.labels), tuple(sandboxes))

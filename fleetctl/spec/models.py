@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from fleetctl import contract
 from fleetctl.contract import RESERVED_PORTS
+from fleetctl.egress import MAX_ENTRIES, EgressError, check_lists
 
 API_VERSION = "fleetctl/v1"
 
@@ -186,6 +187,26 @@ class Job(_Model):
     )
 
 
+class Egress(_Model):
+    """Where a sandbox with network access may connect: only to `allow`, or anywhere but
+    `deny` (one of them). Entries: IPv4 addresses or CIDRs, with an optional `:PORT` or
+    `:LOW-HIGH`, and hostnames (`example.com`, `*.example.com`; ports 80 and 443)."""
+
+    allow: list[str] | None = Field(None, max_length=MAX_ENTRIES,
+                                    examples=[["203.0.113.0/24:443"]])  # fmt: skip
+    deny: list[str] | None = Field(None, max_length=MAX_ENTRIES, examples=[["198.51.100.7"]])
+
+    @model_validator(mode="after")
+    def _one_list(self) -> Egress:
+        if (self.allow is None) == (self.deny is None):
+            raise ValueError("egress takes exactly one of allow or deny")
+        try:
+            check_lists(self.allow, self.deny)
+        except EgressError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class Prepare(_Model):
     """Set the group's environment up once: the command runs in one sandbox of the group's
     settings, its files are checkpointed, and every sandbox of the group starts from that
@@ -258,6 +279,10 @@ class SandboxSettings(_Model):
         description=f"Outbound network access (default "
         f"{str(contract.DEFAULT_NETWORK_ACCESS).lower()}); false = loopback only.",
     )
+    egress: Egress | None = Field(
+        None, description="Egress allow or deny list (with network access); default: every "
+        "public address."
+    )  # fmt: skip
     env: dict[EnvName, EnvValue] | None = Field(
         None, description="Environment variables; merged with defaults, the group wins."
     )

@@ -95,8 +95,8 @@ def rootfs_kind(source: str | None, sandbox_id: str) -> str:
     raise SystemExit(f"sandbox {sandbox_id} has an unknown imageSource {source!r}")
 
 
-def create_running(api: httpx.Client, name: str) -> tuple[str, float]:
-    """Create one sandbox and poll until RUNNING: (id, milliseconds)."""
+def create_running(api: httpx.Client, name: str, **fields: object) -> tuple[str, float]:
+    """Create one sandbox (with `fields` added) and poll until RUNNING: (id, milliseconds)."""
     started = time.perf_counter()
     response = api.post(
         "/sandbox",
@@ -105,6 +105,7 @@ def create_running(api: httpx.Client, name: str) -> tuple[str, float]:
             "docker_image": "python:3.11-slim",
             "memory_gb": 0.25,
             "labels": [LABEL],
+            **fields,
         },
     )
     if response.status_code != 200:

@@ -5,8 +5,8 @@
 Runs, one after another, each as a subprocess of this interpreter from the repository
 root: ``local_runtime.py``, ``sdk_fanout.py --n 100 --rate 20``, ``apply_throughput.py
 --n 300 --rate 25``, ``exec_transports.py``, ``checkpoint_fanout.py``, ``image_pull.py``
-(needs skopeo and umoci), ``plan_scale.py`` and ``reliability_report.py`` (short). Their
-output is passed through as it comes; the last line of each is its figures. Then the
+(needs skopeo and umoci), ``network.py``, ``plan_scale.py`` and ``reliability_report.py``
+(short). Their output is passed through as it comes; the last line of each is its figures. Then the
 block of README.md between ``<!-- BEGIN bench -->`` and ``<!-- END bench -->`` is
 rewritten: a line saying when (UTC) and on what (CPU model, cores, memory, kernel) it was
 measured, and the table, one row per script with its last line.
@@ -68,6 +68,8 @@ def benches(quick: bool) -> list[Bench]:
               "10 sandboxes with 20 MiB of setup each: from a checkpoint vs set up each", 300),
         Bench("image_pull.py", ("--mb", "10", "--creates", "5"),
               "10 MB image: pull vs skopeo + umoci, create from it vs the host's root", 300),
+        Bench("network.py", ("--creates", "5", "--fleet", "10", "--mb", "20"),
+              "create with network on vs off, 10 networked at once, a 20 MB download", 300),
         Bench("plan_scale.py", ("--n", "1000"),
                   "plan 1,000 desired against 1,000 live, in memory", 300),
             Bench("reliability_report.py", (),
@@ -89,6 +91,10 @@ def benches(quick: bool) -> list[Bench]:
               "a 50 MB image from a loopback registry: pull + unpack vs skopeo copy + umoci "
               "unpack; create from it vs on the host's root filesystem; disk of a second "
               "image sharing its base", 900),
+        Bench("network.py", (),
+              "create → RUNNING with network on vs off (30 each, alternating); 200 networked "
+              "sandboxes at once; a 200 MB download from the test internet in a sandbox vs "
+              "on the host", 900),
         Bench("plan_scale.py", (), "plan 10,000 desired against 10,000 live, in memory", 900),
         Bench("reliability_report.py", (),
               "soak (2 rounds of apply/destroy of 12 sandboxes under injected faults and "

@@ -24,6 +24,7 @@ import os
 import random
 import selectors
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetctl.plan.identity import KEY_LABEL, fleet_label
+from fleetctl.server.runtime.base import ID_RANGE
 from tests.conftest import (
     Server,
     control,
@@ -296,22 +298,30 @@ def destroy(fleet: Fleet, tally: Tally, what: str) -> None:
 
 def leftovers(data_dir: Path, ids: set[str]) -> list[str]:
     """What the host still holds for these sandboxes: dirs under `<data_dir>/sandboxes/`,
-    cgroup dirs named by one of `ids` under a `fleetctl` group, and processes whose
-    command line mentions `<data_dir>/sandboxes/`."""
+    cgroup dirs named by one of `ids` under a `fleetctl` group, and processes of their host
+    uid ranges (each sandbox's, from its handle in the server's `state.db`)."""
     root = data_dir / "sandboxes"
     found = [f"dir {p}" for p in root.glob("*")] if root.exists() else []
     for group in CGROUP_ROOT.glob("**/fleetctl"):
         found += [f"cgroup {p}" for p in group.iterdir() if p.is_dir() and p.name in ids]
-    marker = f"{root}/".encode()
+    ranges = sandbox_uids(data_dir, ids)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            cmdline = (proc / "cmdline").read_bytes()
-            if marker in cmdline:
-                shown = cmdline.replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"process {proc.name}: {shown}")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = (proc / "status").read_text()
+            uid = int(status.split("\nUid:", 1)[1].split()[0])
+            if any(low <= uid < low + ID_RANGE for low in ranges):
+                found.append(f"process {proc.name} (uid {uid})")
     return found
+
+
+def sandbox_uids(data_dir: Path, ids: set[str]) -> set[int]:
+    """The first host uid of each sandbox's range, as its runtime handle records it."""
+    with contextlib.closing(sqlite3.connect(data_dir / "state.db")) as db:
+        rows = db.execute("SELECT id, runtime FROM sandboxes").fetchall()
+    return {int(json.loads(runtime)["uid"]) for sandbox_id, runtime in rows
+            if sandbox_id in ids and runtime and "uid" in json.loads(runtime)}  # fmt: skip
 
 
 def count_leaks(

@@ -13,6 +13,7 @@ import pytest
 from fleetctl.server import api
 from fleetctl.server.runtime.bwrap import BwrapRuntime
 from fleetctl.server.runtime.bwrap.host import probe
+from fleetctl.server.runtime.bwrap.network import Networks, host_resolvers
 from fleetctl.server.service import NotRunning, SandboxService, Settings
 from fleetctl.server.store import Store, utcnow
 from tests.conftest import needs_sandboxes, traversable_dir
@@ -35,7 +36,7 @@ async def service() -> AsyncIterator[tuple[SandboxService, FakeClock]]:
         data_dir = base / "data"
         data_dir.mkdir()
         store = Store(data_dir / "state.db")
-        runtime = BwrapRuntime(data_dir, probe())
+        runtime = BwrapRuntime(data_dir, probe(), Networks(host_resolvers()))
         service = SandboxService(store, runtime, Settings(data_dir=data_dir, clock=clock))
         async with anyio.create_task_group() as group:
             await service.run(group, monitor_interval=3600)

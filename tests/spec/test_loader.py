@@ -30,6 +30,20 @@ def problems(tmp_path: Path, body: str, variables: dict[str, object] | None = No
 
 INVALID = [
     pytest.param(
+        HEADER + "sandboxes:\n  - name: a\n    image: x\n"
+        "    egress: {allow: [1.2.3.4], deny: [5.6.7.8]}\n",
+        ["7:13: sandboxes[0].egress: egress takes exactly one of allow or deny"],
+        id="egress-both-lists",
+    ),
+    pytest.param(
+        HEADER + "sandboxes:\n  - name: a\n    image: x\n    egress: {deny: ['example.com:22']}\n",
+        [
+            "7:13: sandboxes[0].egress: network_denylist: 'example.com:22': domain entries "
+            "support only ports 80 and 443; use an IP or CIDR entry for other ports"
+        ],
+        id="egress-domain-port",
+    ),
+    pytest.param(
         HEADER + "sandboxes:\n  - name: a\n    imgae: x\n",
         ["6:5: sandboxes[0].imgae: unknown field 'imgae'; did you mean 'image'?"],
         id="misspelt-key-suggests",

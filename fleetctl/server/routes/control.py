@@ -54,7 +54,6 @@ UNSUPPORTED: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("/sandbox/{sandbox_id}/ssh-session", ("POST",)),
         ("/sandbox/{sandbox_id}/ssh-session/{session_id}", ("DELETE",)),
     ),
-    "egress policies": (("/sandbox/{sandbox_id}/egress-policy", ("GET", "PUT")),),
     "image builds": (
         ("/images", ("GET", "PATCH")),
         ("/images/build", ("POST",)),
@@ -228,6 +227,18 @@ async def bulk_delete(service: Service, body: api.BulkDelete) -> api.BulkDeleteR
 @router.get("/sandbox/{sandbox_id}/logs", response_model=api.Logs)
 def logs(service: Service, sandbox_id: str) -> api.Logs:
     return api.Logs(logs=service.sandboxes.logs(sandbox_id))
+
+
+@router.get("/sandbox/{sandbox_id}/egress-policy", response_model=api.EgressPolicyStatus)
+def egress_policy(service: Service, sandbox_id: str) -> api.EgressPolicyStatus:
+    return service.sandboxes.egress(sandbox_id)
+
+
+@router.put("/sandbox/{sandbox_id}/egress-policy", response_model=api.EgressPolicyStatus)
+async def set_egress_policy(
+    service: Service, sandbox_id: str, body: api.EgressLists
+) -> api.EgressPolicyStatus:
+    return await service.sandboxes.set_egress(sandbox_id, body)
 
 
 @router.get("/sandbox/{sandbox_id}/error-context", response_model=api.ErrorContext, **camel)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from anyio.abc import ByteReceiveStream, ByteSendStream
 
@@ -90,6 +90,15 @@ class ImageLayers:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    """Where a networked sandbox may connect: only to `entries` (allow), or anywhere but
+    them (deny); entries as `fleetctl.egress` defines them."""
+
+    mode: Literal["allow", "deny"]
+    entries: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchSpec:
     """What to start. `env` holds environment variables and secrets; it is never stored.
     `start_command` None keeps the sandbox idle. `image` None: the host's root filesystem.
@@ -104,6 +113,7 @@ class LaunchSpec:
     limits: Limits | None
     image: ImageLayers | None
     layers: tuple[Layer, ...] = ()
+    egress: EgressPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,4 +276,23 @@ class Runtime(Protocol):
 
     def max_image_layers(self) -> int:
         """How many image layers one sandbox can stack (more are merged first)."""
+        ...
+
+    @property
+    def network_problem(self) -> str | None:
+        """Why sandboxes with network access cannot be started here (None: they can)."""
+        ...
+
+    @property
+    def filters_egress(self) -> bool:
+        """True when egress lists are enforced (sandboxes do not share the host's network)."""
+        ...
+
+    def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
+        """Replace a running sandbox's egress policy (blocking); RuntimeFailure when it has
+        no network of its own."""
+        ...
+
+    def egress_denied(self, sandbox_id: str) -> int:
+        """Connections the sandbox was refused by its egress policy and the blocked ranges."""
         ...

@@ -17,7 +17,14 @@ from anyio.abc import TaskGroup
 from fleetctl import contract
 from fleetctl.contract import FINAL_STATUSES, ErrorType, SandboxStatus
 from fleetctl.server import api
-from fleetctl.server.runtime.base import Handle, LaunchSpec, Layer, Limits, RuntimeFailure
+from fleetctl.server.runtime.base import (
+    EgressPolicy,
+    Handle,
+    LaunchSpec,
+    Layer,
+    Limits,
+    RuntimeFailure,
+)
 from fleetctl.server.service.images import ImageFailed, root_for
 from fleetctl.server.service.state import (
     NotFound,
@@ -75,10 +82,20 @@ class Lifecycle:
             )
         if request.volumes:
             raise Unsupported("volumes are not offered by the local sandbox server")
-        if request.network_allowlist is not None or request.network_denylist is not None:
-            raise Unsupported(
-                "egress allow/deny lists are not enforced by the local sandbox server yet; "
-                "create the sandbox without them (network_access true or false)"
+        wants_network = request.network_access is not False
+        problem = self.runtime.network_problem
+        if wants_network and problem:
+            raise Refused(
+                f"this server cannot give a sandbox a network of its own ({problem}): run it "
+                "as root with nftables and iproute2 installed (apt-get install nftables "
+                "iproute2), start it with --insecure-host-network to let sandboxes share the "
+                "machine's network, or create the sandbox with network_access false"
+            )
+        lists = request.network_allowlist is not None or request.network_denylist is not None
+        if lists and wants_network and not self.runtime.filters_egress:
+            raise Refused(
+                "this server lets sandboxes share its network (--insecure-host-network), so "
+                "it cannot enforce egress allow/deny lists; create the sandbox without them"
             )
         now = self.shared.clock()
         stored = request.model_dump(exclude={"secrets", "idempotency_key", "volumes"})
@@ -141,6 +158,7 @@ class Lifecycle:
             ),
             image=root.layers,
             layers=layers,
+            egress=egress_policy(request.get("network_allowlist"), request.get("network_denylist")),
         )
         self.runtime.append_log(record.id, f"[fleetctl] starting sandbox on the {root.source}\n")
         try:
@@ -238,5 +256,44 @@ class Lifecycle:
             await anyio.to_thread.run_sync(self.runtime.stop, sandbox_id, handle_of(record))
 
     def logs(self, sandbox_id: str) -> str:
-        self.get(sandbox_id)
-        return self.runtime.logs(sandbox_id, LOG_TAIL)
+        """The sandbox's log tail, and how many connections its network refused."""
+        record = self.get(sandbox_id)
+        text = self.runtime.logs(sandbox_id, LOG_TAIL)
+        if record.status == SandboxStatus.RUNNING and record.request.get("network_access"):
+            denied = self.runtime.egress_denied(sandbox_id)
+            if denied:
+                text += f"[fleetctl] egress: {denied} connection attempt(s) refused so far\n"
+        return text
+
+    def egress(self, sandbox_id: str) -> api.EgressPolicyStatus:
+        """The sandbox's egress policy, as recorded."""
+        request = self.get(sandbox_id).request
+        generation = int(request.get("egress_generation", 1))
+        lists = api.EgressLists(allowlist=request.get("network_allowlist"),
+                                denylist=request.get("network_denylist"))  # fmt: skip
+        return api.EgressPolicyStatus(policy=lists, generation=generation,
+                                      applied_generation=generation, applied=True)  # fmt: skip
+
+    async def set_egress(self, sandbox_id: str, lists: api.EgressLists) -> api.EgressPolicyStatus:
+        """Replace a running sandbox's egress policy; applied before this returns."""
+        record, _ = self.running(sandbox_id)
+        if not record.request.get("network_access"):
+            raise Refused(f"sandbox {sandbox_id} has no network access: no egress to govern")
+        policy = egress_policy(lists.allowlist, lists.denylist)
+        try:
+            await anyio.to_thread.run_sync(self.runtime.set_egress, sandbox_id, policy)
+        except RuntimeFailure as exc:
+            raise Refused(str(exc)) from None
+        generation = int(record.request.get("egress_generation", 1)) + 1
+        self.store.update(sandbox_id, request={
+            **record.request, "network_allowlist": lists.allowlist,
+            "network_denylist": lists.denylist, "egress_generation": generation,
+        })  # fmt: skip
+        return self.egress(sandbox_id)
+
+
+def egress_policy(allow: Sequence[str] | None, deny: Sequence[str] | None) -> EgressPolicy | None:
+    """The runtime's form of a sandbox's allow or deny list (validated by the API models)."""
+    if allow is not None:
+        return EgressPolicy("allow", tuple(allow))
+    return EgressPolicy("deny", tuple(deny)) if deny is not None else None

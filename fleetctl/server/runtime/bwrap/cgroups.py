@@ -31,6 +31,15 @@ class Cgroup:
     paths: tuple[Path, ...]
 
     @classmethod
+    def existing(cls, name: str) -> Cgroup | None:
+        """`name`'s groups if any of them exists (e.g. left by a start cut short)."""
+        try:
+            cgroup = cls.for_sandbox(name)
+        except OSError:
+            return None
+        return cgroup if any(p.exists() for p in cgroup.paths) else None
+
+    @classmethod
     def for_sandbox(cls, name: str) -> Cgroup:
         """Where `name`'s groups live on this host (not created yet)."""
         version = cgroup_version()

@@ -78,3 +78,13 @@ def until(step: Callable[[], bool], limit_s: float = KILL_WAIT_S) -> None:
             raise RuntimeFailure(f"sandbox processes did not exit {limit_s:g}s after SIGKILL")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.1)
+
+
+def tree_bytes(top: Path) -> int:
+    """Bytes the files under `top` take on disk (blocks actually used)."""
+    total = 0
+    for root, _, files in os.walk(top):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total

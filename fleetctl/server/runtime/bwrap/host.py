@@ -32,6 +32,10 @@ class HostReport:
     cgroup_controllers: tuple[str, ...]
     user_namespaces: bool
     is_root: bool
+    nft: str | None = None
+    ip: str | None = None
+    ip_forward: str = "unknown"
+    conntrack_max: str = "unknown"
     problems: tuple[str, ...] = field(default=())
 
     @property
@@ -64,7 +68,15 @@ class HostReport:
             f"cgroups: {version}, controllers: {controllers}",
             f"user namespaces: {'available' if self.user_namespaces else 'not available'}",
             f"running as root: {'yes' if self.is_root else 'no'}",
+            f"network: nftables {self.nft or 'not found'}, iproute2 {self.ip or 'not found'} "
+            "(each sandbox with network gets its own namespace, veth and nftables rules)",
+            f"ip_forward: {self.ip_forward} (host-wide: the server sets it to 1 to forward "
+            "sandbox traffic, for every interface of this machine)",
+            f"conntrack max: {self.conntrack_max} (every sandbox connection takes an entry)",
         ]
+
+
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def find_bwrap() -> tuple[str | None, str]:
@@ -122,6 +134,13 @@ def _bwrap_version(path: str) -> tuple[str | None, bool]:
     return version.stdout.strip() or None, "--overlay-src" in usage.stdout
 
 
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def _user_namespaces() -> bool:
     try:
         return int(Path("/proc/sys/user/max_user_namespaces").read_text()) > 0
@@ -148,6 +167,10 @@ def probe() -> HostReport:
         cgroup_controllers=controllers,
         user_namespaces=_user_namespaces(),
         is_root=os.geteuid() == 0,
+        nft=shutil.which("nft", path=SYSTEM_PATH),
+        ip=shutil.which("ip", path=SYSTEM_PATH),
+        ip_forward=_read("/proc/sys/net/ipv4/ip_forward"),
+        conntrack_max=_read("/proc/sys/net/netfilter/nf_conntrack_max"),
     )
     problems: list[str] = []
     if not report.bwrap:
@@ -165,6 +188,12 @@ def probe() -> HostReport:
         )
     if not report.user_namespaces:
         problems.append("user namespaces disabled: no sandbox can start")
+    if not report.nft or not report.ip:
+        problems.append(
+            "nftables or iproute2 missing (apt-get install nftables iproute2): sandboxes "
+            "with network access are refused, unless the server runs with "
+            "--insecure-host-network"
+        )
     missing = [c for c in CONTROLLERS if c not in controllers]
     if missing:
         problems.append(

@@ -217,6 +217,19 @@ def layers_mounted(spec: LaunchSpec, home: Path, uid: int) -> Iterator[None]:
             unmount(layer_dir(home, index))
 
 
+def copy_writable(home: Path, into: Path, cp: str) -> None:
+    """Copy a paused sandbox's writable layer and workspace from `home` into `into` (a
+    checkpoint's directory, removed again when the copy fails)."""
+    try:
+        parts = [str(p.relative_to(home)) for p in (home / "upper").iterdir()]
+        for part in [*parts, "workspace"]:
+            argv = [cp, "-a", "--reflink=auto", str(home / part), str(into / part)]
+            subprocess.run(argv, env={"PATH": "/usr/bin:/bin"}, check=True, capture_output=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(into, ignore_errors=True)
+        raise RuntimeFailure(f"cannot copy the sandbox: {exc.stderr.decode()[:400]}") from None
+
+
 def max_image_layers(sandboxes: Path) -> int:
     """Image layers that fit in one overlay mount beside a full stack of checkpoint layers,
     for sandbox homes under `sandboxes` (a home is named by a 20-character id)."""
@@ -279,14 +292,17 @@ def tools_argv(*argv: str) -> list[str]:
             f"{TOOLS_MOUNT}/{argv[0]}", *argv[1:]]  # fmt: skip
 
 
+def nul_args(args: list[str]) -> bytes:
+    """bwrap `--args` input: NUL-terminated arguments (a NUL inside one would start
+    another argument: refused)."""
+    if any("\0" in arg for arg in args):
+        raise RuntimeFailure("a sandbox setting (e.g. an environment variable) holds a NUL")
+    return b"".join(arg.encode() + b"\0" for arg in args)
+
+
 def setenv_args(env: Mapping[str, str]) -> bytes:
-    """bwrap `--args` input: NUL-separated `--setenv NAME VALUE` triples (a NUL inside one
-    would start another argument: refused)."""
-    if any("\0" in text for pair in env.items() for text in pair):
-        raise RuntimeFailure("an environment variable holds a NUL character")
-    return b"".join(
-        b"\0".join([b"--setenv", k.encode(), v.encode()]) + b"\0" for k, v in env.items()
-    )
+    """bwrap `--args` input: `--setenv NAME VALUE` for each variable."""
+    return nul_args([part for name, value in env.items() for part in ("--setenv", name, value)])
 
 
 def read_info(info: IO[bytes]) -> dict[str, Any]:

@@ -15,7 +15,6 @@ handle kept in the database. Commands and files go in through `inside.Entry`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from anyio.abc import ByteReceiveStream
 from fleetctl.server.runtime.base import (
     ID_RANGE,
     ROOT,
+    EgressPolicy,
     ExecResult,
     FileSlice,
     Handle,
@@ -49,6 +49,7 @@ from fleetctl.server.runtime.bwrap.handle import (
     kill_pid,
     send_signal,
     start_time,
+    tree_bytes,
     until,
 )
 from fleetctl.server.runtime.bwrap.host import HostReport
@@ -57,15 +58,18 @@ from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, san
 from fleetctl.server.runtime.bwrap.layout import (
     bwrap_args,
     check_traversable,
+    copy_writable,
     install_bwrap,
     install_tools,
     layers_mounted,
     make_home,
     max_image_layers,
+    nul_args,
     read_info,
     setenv_args,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
+from fleetctl.server.runtime.bwrap.network import Networks
 
 #: Host ids for sandboxes start here; each sandbox gets ID_RANGE of its own (by its seq),
 #: above the single uids (1e9 to 1.1e9) of sandboxes started by older servers.
@@ -79,7 +83,8 @@ IDLE = "exec sleep infinity"
 class BwrapRuntime:
     """Sandboxes on this machine, under `data_dir` (implements `runtime.base.Runtime`)."""
 
-    def __init__(self, data_dir: Path, host: HostReport) -> None:
+    def __init__(self, data_dir: Path, host: HostReport, networks: Networks | None) -> None:
+        """`networks` None: sandboxes with network access share the host's (insecure)."""
         if not host.can_run or host.bwrap is None:
             raise RuntimeFailure("this host cannot run sandboxes: " + "; ".join(host.problems))
         self.host = host
@@ -99,6 +104,7 @@ class BwrapRuntime:
         self.bwrap = install_bwrap(data_dir, host.bwrap)
         self.tools = install_tools(data_dir, self.host_tool("setpriv"))
         self._children: dict[str, Child] = {}
+        self.networks = networks
 
     @property
     def can_limit(self) -> bool:
@@ -132,6 +138,7 @@ class BwrapRuntime:
         if spec.limits is not None:
             cgroup = Cgroup.for_sandbox(spec.id)
             cgroup.create(spec.limits)
+        enter, resolvers = self._network(spec, meta, home)  # undone by `stop` if need be
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         args_r, args_w = os.pipe()
@@ -147,12 +154,12 @@ class BwrapRuntime:
         user = spec.image.user if spec.image else ROOT
         groups = ",".join(str(uid + g) for g in user.groups)
         argv = [
+            *enter,
             self.host_tool("setpriv"),
             f"--reuid={uid + user.uid}",
             f"--regid={uid + user.gid}",
             f"--groups={groups}" if groups else "--clear-groups",
             self.bwrap,
-            *bwrap_args(spec, home, self.tools),
             "--userns-block-fd",
             str(block_r),
             "--args",
@@ -178,9 +185,10 @@ class BwrapRuntime:
                     pass_fds=(info_w, status, args_r, block_r),
                     start_new_session=True,
                 )
-                # The sandbox's environment (secrets included) reaches bwrap as
-                # --setenv pairs through a pipe: never in a host process's argv or
-                # initial environment, where `ps` or a PATH/LD_PRELOAD could use it.
+                # bwrap's options (host paths) and the sandbox's environment (secrets
+                # included, as --setenv pairs) reach it through a pipe: never in an argv
+                # (`ps`, and /proc/1/cmdline inside) or a host process's environment.
+                pairs.write(nul_args([*bwrap_args(spec, home, self.tools), *resolvers]))
                 pairs.write(setenv_args(sandbox_env(spec.env, user)))
         except BaseException:
             for fd in (info_r, ready_r, block_w):
@@ -213,6 +221,38 @@ class BwrapRuntime:
             cgroup_version=cgroup.version if cgroup else None,
             cgroup_paths=tuple(str(p) for p in cgroup.paths) if cgroup else (),
         ).to_json()
+
+    def _network(self, spec: LaunchSpec, meta: Path, home: Path) -> tuple[list[str], list[str]]:
+        """What runs bwrap in the sandbox's own network namespace, and the bwrap options
+        that give it its resolvers (none without network, or when the host's is shared)."""
+        if not spec.network or self.networks is None:
+            return [], []
+        net = self.networks.create(meta, spec.seq, spec.egress)
+        resolv = home / "resolv.conf"
+        resolv.write_text(self.networks.resolv_conf(net, spec.egress))
+        resolv.chmod(0o444)
+        return self.networks.enter_argv(net), ["--ro-bind", str(resolv), "/etc/resolv.conf"]
+
+    def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
+        if self.networks is None:
+            raise RuntimeFailure("sandboxes of this server share its network (started with "
+                                 "--insecure-host-network): no egress policy applies")  # fmt: skip
+        net = self.networks.set_egress(self.meta / sandbox_id, egress)
+        # the same file (inode) stays bound at /etc/resolv.conf inside
+        (self.sandbox_dir(sandbox_id) / "resolv.conf").write_text(
+            self.networks.resolv_conf(net, egress)
+        )
+
+    def egress_denied(self, sandbox_id: str) -> int:
+        return self.networks.denied(self.meta / sandbox_id) if self.networks else 0
+
+    @property
+    def network_problem(self) -> str | None:
+        return self.networks.problem if self.networks else None
+
+    @property
+    def filters_egress(self) -> bool:
+        return self.networks is not None
 
     def _unblock(
         self, sandbox_id: str, info: dict[str, Any], uid: int, child: Child, block_w: int
@@ -261,6 +301,8 @@ class BwrapRuntime:
         found = SandboxHandle.from_json(handle)
         if not self._alive(found):
             return None
+        if self.networks is not None:
+            self.networks.adopt(self.meta / found.id)
         try:
             children = Path(f"/proc/{found.init_pid}/task/{found.init_pid}/children").read_text()
             raw = Path(f"/proc/{children.split()[0]}/environ").read_bytes()
@@ -272,7 +314,7 @@ class BwrapRuntime:
     def disk_usage(self, sandbox_id: str) -> int:
         """Bytes the sandbox wrote: its upper layer and /workspace (blocks actually used)."""
         home = self.sandbox_dir(sandbox_id)
-        return _tree_bytes(home / "upper") + _tree_bytes(home / "workspace")
+        return tree_bytes(home / "upper") + tree_bytes(home / "workspace")
 
     def checkpoint(self, sandbox_id: str, handle: Handle, checkpoint_id: str) -> tuple[Layer, int]:
         found = SandboxHandle.from_json(handle)
@@ -283,18 +325,11 @@ class BwrapRuntime:
         for pid in paused:  # a consistent copy: nothing writes while it is taken
             send_signal(pid, signal.SIGSTOP)
         try:
-            parts = [str(p.relative_to(home)) for p in (home / "upper").iterdir()]
-            for part in [*parts, "workspace"]:
-                subprocess.run([self.host_tool("cp"), "-a", "--reflink=auto",
-                                str(home / part), str(into / part)],
-                               env=HOST_ENV, check=True, capture_output=True)  # fmt: skip
-        except subprocess.CalledProcessError as exc:
-            shutil.rmtree(into, ignore_errors=True)
-            raise RuntimeFailure(f"cannot copy the sandbox: {exc.stderr.decode()[:400]}") from None
+            copy_writable(home, into, self.host_tool("cp"))
         finally:
             for pid in paused:
                 send_signal(pid, signal.SIGCONT)
-        return {"path": str(into), "owner": found.uid}, _tree_bytes(into)
+        return {"path": str(into), "owner": found.uid}, tree_bytes(into)
 
     def drop_layer(self, layer: Layer) -> None:
         path = Path(layer["path"])
@@ -328,13 +363,15 @@ class BwrapRuntime:
         found = SandboxHandle.from_json(handle) if handle else None
         if found is not None:
             self._kill(found)
-        cgroup = found.cgroup if found else _existing_cgroup(sandbox_id)
+        cgroup = found.cgroup if found else Cgroup.existing(sandbox_id)
         if cgroup is not None:
             until(cgroup.remove)
         child = self._children.pop(sandbox_id, None)
         if child is not None:
             child.kill()
             child.wait()
+        if self.networks is not None:
+            self.networks.remove(self.meta / sandbox_id)
         home = self.sandbox_dir(sandbox_id)
         for mounted in mounts_under(home):  # a start cut short by a crash left its layers
             unmount(mounted)
@@ -411,21 +448,3 @@ class BwrapRuntime:
 
     def connect(self, handle: Handle, port: int) -> socket.socket:
         return connect_in_netns(SandboxHandle.from_json(handle).init_pid, port)
-
-
-def _existing_cgroup(sandbox_id: str) -> Cgroup | None:
-    try:
-        cgroup = Cgroup.for_sandbox(sandbox_id)
-    except OSError:
-        return None
-    return cgroup if any(p.exists() for p in cgroup.paths) else None
-
-
-def _tree_bytes(top: Path) -> int:
-    """Bytes the files under `top` take on disk (blocks actually used)."""
-    total = 0
-    for root, _, files in os.walk(top):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total

@@ -1,0 +1,353 @@
+"""A networked sandbox's own network namespace: outbound only, never towards the host.
+
+Each sandbox with network access gets a named namespace (/run/netns), a veth pair (host
+end `fcvNNNN`, sandbox end `eth0`) and a /30 of 10.200.0.0/16, with its default route
+to the host end; the host forwards and masquerades its traffic. One nftables table
+(`inet fleetctl_v1`, shared by every server on the host, made once) drops, for every
+sandbox interface: anything to the host itself (INPUT), to another sandbox, over IPv6,
+and to loopback, private, CGNAT, link-local (169.254.169.254 included), benchmark and
+multicast ranges (FORWARD), except DNS to the resolvers the sandbox is given. Each
+sandbox's own chain (reached by a verdict map on its interface) holds that and its
+egress policy, and counts what it denies. The host still connects into a sandbox
+(exposures enter its namespace), and no process runs per sandbox.
+
+What a sandbox holds on the host is named in its meta dir first (`netns`), so a start
+cut short or a crashed server's sandbox is reclaimed by id. All changes run under one
+host-wide lock, as servers share slots and the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetctl.egress import parse_entry
+from fleetctl.server.runtime.base import EgressPolicy, RuntimeFailure
+from fleetctl.server.runtime.bwrap.dns import Forwarder, NamePolicy
+from fleetctl.server.runtime.bwrap.host import SYSTEM_PATH
+
+NETNS_DIR = Path("/run/netns")
+LOCK = Path("/run/fleetctl-network.lock")
+TABLE = "fleetctl_v1"
+PREFIX = "fcv"  # host ends: fcv + 4 hex digits (interface names stop at 15 characters)
+SUBNET = ipaddress.ip_network("10.200.0.0/16")
+SLOTS = SUBNET.num_addresses // 4
+#: Never reachable from a sandbox, whatever its egress policy says (224/3: multicast and
+#: the reserved 240/4).
+BLOCKED = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+           "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15",
+           "224.0.0.0/3")  # fmt: skip
+TABLE_RULES = f"""
+table inet {TABLE} {{
+  set blocked {{ type ipv4_addr; flags interval; elements = {{ {", ".join(BLOCKED)} }} }}
+  map sandboxes {{ type ifname : verdict; }}
+  set forwarders {{ type ifname . ipv4_addr; }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{PREFIX}*" ct state established,related accept
+    iifname . ip daddr @forwarders udp dport 53 accept
+    iifname "{PREFIX}*" drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "{PREFIX}*" oifname "{PREFIX}*" drop
+    iifname "{PREFIX}*" meta nfproto ipv6 drop
+    iifname "{PREFIX}*" iifname vmap @sandboxes
+    iifname "{PREFIX}*" drop
+    oifname "{PREFIX}*" ct state established,related accept
+    oifname "{PREFIX}*" drop
+  }}
+}}
+table ip {TABLE}_nat {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {SUBNET} oifname != "{PREFIX}*" masquerade
+  }}
+}}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxNet:
+    """One sandbox's namespace, link and addresses."""
+
+    netns: str
+    slot: int
+
+    @property
+    def link(self) -> str:
+        return f"{PREFIX}{self.slot:04x}"
+
+    @property
+    def chain(self) -> str:
+        return f"s_{self.link}"
+
+    @property
+    def sets(self) -> dict[int, str]:
+        """Its sets of addresses learnt from DNS answers, per port (hostname entries)."""
+        return {port: f"n{port}_{self.link}" for port in (80, 443)}
+
+    def address(self, end: int) -> str:
+        """The host end (1) or the sandbox end (2) of its /30."""
+        return str(SUBNET.network_address + self.slot * 4 + end)
+
+
+class Networks:
+    """Namespaces for networked sandboxes. `problem` says why this host cannot make them
+    (then sandboxes with network are refused, unless the server shares its own)."""
+
+    def __init__(self, resolvers: Sequence[str]) -> None:
+        self.resolvers = tuple(resolvers)
+        self.ip, self.nft, self.nsenter = (shutil.which(tool, path=SYSTEM_PATH) or ""
+                                           for tool in ("ip", "nft", "nsenter"))  # fmt: skip
+        self.problem = self._prepare()
+        self._forwarder: Forwarder | None = None
+
+    def _prepare(self) -> str | None:
+        if os.geteuid() != 0:
+            return "the server does not run as root"
+        if not self.ip or not self.nft or not self.nsenter:
+            return "iproute2 (`ip`), nftables (`nft`) or util-linux (`nsenter`) is missing"
+        try:
+            with self._locked():
+                listed = self._run([self.nft, "list", "tables"], check=False)
+                if f"table inet {TABLE}\n" not in listed + "\n":
+                    self._run([self.nft, "-f", "-"], TABLE_RULES)
+                Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        except (OSError, RuntimeFailure) as exc:
+            return f"cannot set up nftables and forwarding: {exc}"
+        return None
+
+    def create(self, meta: Path, seq: int, egress: EgressPolicy | None) -> SandboxNet:
+        """A namespace for the sandbox whose meta dir is `meta` (named there first)."""
+        with self._locked():
+            used = _used_slots()
+            slot = next((s % SLOTS for s in range(seq, seq + SLOTS) if s % SLOTS not in used),
+                        None)  # fmt: skip
+            if slot is None:
+                raise RuntimeFailure(f"all {SLOTS} sandbox network slots of this host are used")
+            net = SandboxNet(f"fleetctl-{slot:04x}-{meta.name}", slot)
+            _record(meta, net, egress)
+            self._run([self.ip, "-batch", "-"], "\n".join([
+                f"netns add {net.netns}",
+                f"link add {net.link} type veth peer name eth0 netns {net.netns}",
+                f"addr add {net.address(1)}/30 dev {net.link}",
+                f"link set {net.link} up",
+            ]))  # fmt: skip
+            self._run([self.ip, "-n", net.netns, "-batch", "-"], "\n".join([
+                f"addr add {net.address(2)}/30 dev eth0",
+                "link set lo up", "link set eth0 up",
+                f"route add default via {net.address(1)}",
+            ]))  # fmt: skip
+            self._apply(net, egress, new=True)
+        return net
+
+    def set_egress(self, meta: Path, egress: EgressPolicy | None) -> SandboxNet:
+        """Replace a running sandbox's egress policy (its rules atomically)."""
+        net = _recorded(meta)
+        if net is None:
+            raise RuntimeFailure("the sandbox has no network namespace of its own")
+        with self._locked():
+            _record(meta, net, egress)
+            self._apply(net, egress, new=False)
+        return net
+
+    def adopt(self, meta: Path) -> None:
+        """After a server restart: answer DNS again for a sandbox that had this server's."""
+        net, egress = _recorded(meta), _recorded_egress(meta)
+        if net is not None and forwarded(egress):
+            self._forward(net, egress)
+
+    def denied(self, meta: Path) -> int:
+        """Connections the sandbox's policy and the blocked ranges refused so far."""
+        net = _recorded(meta)
+        if net is None:
+            return 0
+        listed = self._run([self.nft, "-j", "list", "chain", "inet", TABLE, net.chain],
+                           check=False)  # fmt: skip
+        with contextlib.suppress(ValueError):
+            return sum(
+                int(expr["counter"]["packets"])
+                for item in json.loads(listed).get("nftables", [])
+                for expr in (item.get("rule") or {}).get("expr", [])
+                if isinstance(expr, dict) and "counter" in expr
+            )
+        return 0
+
+    def remove(self, meta: Path) -> None:
+        """Remove what `create` made for that meta dir (nothing made: nothing to do)."""
+        net = _recorded(meta)
+        with self._locked():
+            # the namespace is made first and removed last: without it, the slot (and the
+            # rules named after it) may be another sandbox's by now
+            if net is not None and (NETNS_DIR / net.netns).exists():
+                lines = [f"delete element inet {TABLE} sandboxes {{ {net.link} }}",
+                         f"delete element inet {TABLE} forwarders {{ {net.link} . "
+                         f"{net.address(1)} }}", f"delete chain inet {TABLE} {net.chain}",
+                         *(f"delete set inet {TABLE} {n}" for n in net.sets.values())]  # fmt: skip
+                for line in lines:  # each may be missing (a start cut short, no forwarder)
+                    self._run([self.nft, "-f", "-"], line, check=False)
+                self._run([self.ip, "netns", "delete", net.netns], check=False)  # veth too
+        if net is not None and self._forwarder is not None:
+            self._forwarder.remove(net.link)
+        (meta / "netns").unlink(missing_ok=True)
+
+    def enter_argv(self, net: SandboxNet) -> list[str]:
+        """Prefix that runs a command (bwrap) in the sandbox's namespace."""
+        return [self.nsenter, f"--net={NETNS_DIR / net.netns}", "--"]
+
+    def resolv_conf(self, net: SandboxNet, egress: EgressPolicy | None) -> str:
+        """The sandbox's /etc/resolv.conf: this server's forwarder, or the upstreams."""
+        found = [net.address(1)] if forwarded(egress) else self.resolvers
+        return "".join(f"nameserver {address}\n" for address in found)
+
+    def _apply(self, net: SandboxNet, egress: EgressPolicy | None, *, new: bool) -> None:
+        script = self._chain(net, egress, new=new)
+        try:
+            self._run([self.nft, "-f", "-"], script)
+        except RuntimeFailure:  # the table went (e.g. `nft flush ruleset`): made again
+            if f"table inet {TABLE}\n" in self._run([self.nft, "list", "tables"]) + "\n":
+                raise
+            self._run([self.nft, "-f", "-"], TABLE_RULES)
+            self._run([self.nft, "-f", "-"], script)
+        if forwarded(egress):
+            self._forward(net, egress)
+        elif self._forwarder is not None:
+            self._forwarder.remove(net.link)
+
+    def _forward(self, net: SandboxNet, egress: EgressPolicy | None) -> None:
+        assert egress is not None
+        if self._forwarder is None:
+            self._forwarder = Forwarder(self.resolvers, self._learn)
+        policy = NamePolicy.of(egress.mode == "allow", egress.entries, net.sets)
+        try:
+            self._forwarder.add(net.link, net.address(1), policy)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot answer DNS for the sandbox: {exc}") from None
+
+    def _learn(self, name: str, addresses: list[str], seconds: int) -> None:
+        elements = ", ".join(f"{address} timeout {seconds}s" for address in addresses)
+        self._run([self.nft, "-f", "-"], f"add element inet {TABLE} {name} {{ {elements} }}\n",
+                  check=False)  # fmt: skip
+
+    def _chain(self, net: SandboxNet, egress: EgressPolicy | None, *, new: bool) -> str:
+        """The sandbox's chain (made or flushed), its rules, its verdict map entry, and its
+        sets of learnt addresses when its DNS goes through the forwarder."""
+        allow = egress is not None and egress.mode == "allow"
+        rules = ["ct state established,related accept"]  # a policy change spares them
+        if self.resolvers and not forwarded(egress):
+            rules.append(f"ip daddr {{ {', '.join(self.resolvers)} }} "
+                         "meta l4proto { tcp, udp } th dport 53 accept")  # fmt: skip
+        rules += ["ip daddr @blocked ct state new counter drop", "ip daddr @blocked drop"]
+        verdict = "accept" if allow else "counter drop"
+        for entry in egress.entries if egress else ():
+            parsed = parse_entry(entry)
+            if parsed.is_network:
+                ports = f" th dport {parsed.ports[0]}-{parsed.ports[1]}" if parsed.ports else ""
+                rules.append(f"ip daddr {parsed.target}{ports} {verdict}")
+        lines = [f"add chain inet {TABLE} {net.chain}", f"flush chain inet {TABLE} {net.chain}"]
+        forwarder = f"forwarders {{ {net.link} . {net.address(1)} }}"
+        lines += [f"add element inet {TABLE} {forwarder}"]  # then kept, or taken back
+        if forwarded(egress):
+            for port, name in net.sets.items():
+                lines += [f"add set inet {TABLE} {name} {{ type ipv4_addr; flags timeout; }}",
+                          f"flush set inet {TABLE} {name}"]  # fmt: skip
+                rules.append(f"ip daddr @{name} tcp dport {port} {verdict}")
+        else:
+            lines.append(f"delete element inet {TABLE} {forwarder}")
+        if allow:
+            rules += ["ct state new counter drop", "drop"]
+        rules.append("accept")
+        lines += [f"add rule inet {TABLE} {net.chain} {rule}" for rule in rules]
+        if new:
+            lines.append(f"add element inet {TABLE} sandboxes {{ {net.link} : jump {net.chain} }}")
+        return "\n".join(lines) + "\n"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _run(argv: Sequence[str], stdin: str = "", *, check: bool = True) -> str:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                              env={"PATH": SYSTEM_PATH}, check=False)  # fmt: skip
+        if check and done.returncode != 0:
+            raise RuntimeFailure(f"{os.path.basename(argv[0])} failed: "
+                                 f"{done.stderr.strip()[:400]}")  # fmt: skip
+        return done.stdout
+
+
+def forwarded(egress: EgressPolicy | None) -> bool:
+    """True when the sandbox's DNS goes through this server's forwarder: an allowlist (its
+    names, and no other name, resolve), or a denylist that names hosts."""
+    if egress is None:
+        return False
+    return egress.mode == "allow" or any(not parse_entry(e).is_network for e in egress.entries)
+
+
+def host_resolvers(
+    confs: Sequence[Path] = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf")),
+) -> tuple[str, ...]:
+    """This machine's IPv4 resolvers, but for loopback ones (a sandbox cannot reach them):
+    from resolv.conf, else from systemd-resolved's upstream list (Ubuntu's resolv.conf
+    names only its 127.0.0.53 stub)."""
+    for conf in confs:
+        found = []
+        with contextlib.suppress(OSError):
+            for line in conf.read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        address = ipaddress.ip_address(parts[1])
+                        if address.version == 4 and not address.is_loopback:
+                            found.append(str(address))
+        if found:
+            return tuple(found)
+    return ()
+
+
+def _record(meta: Path, net: SandboxNet, egress: EgressPolicy | None) -> None:
+    policy = {"mode": egress.mode, "entries": list(egress.entries)} if egress else None
+    (meta / "netns").write_text(json.dumps({"netns": net.netns, "slot": net.slot,
+                                            "egress": policy}))  # fmt: skip
+
+
+def _recorded_egress(meta: Path) -> EgressPolicy | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        policy = json.loads((meta / "netns").read_text())["egress"]
+        if policy:
+            return EgressPolicy(policy["mode"], tuple(policy["entries"]))
+    return None
+
+
+def _recorded(meta: Path) -> SandboxNet | None:
+    try:
+        data = json.loads((meta / "netns").read_text())
+        return SandboxNet(str(data["netns"]), int(data["slot"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _used_slots() -> set[int]:
+    """Slots of every sandbox namespace on the host (all servers'): fleetctl-SLOT-ID."""
+    used = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(NETNS_DIR):
+            parts = name.split("-")
+            if len(parts) == 3 and parts[0] == "fleetctl":
+                with contextlib.suppress(ValueError):
+                    used.add(int(parts[1], 16))
+    return used
