@@ -54,7 +54,7 @@ def main() -> None:
         info, process = start_server(Path(base) / "data", "--sandbox-dns", hosts.internet)
         try:
             url = f"http://{hosts.internet}/bytes/{args.mb << 20}"
-            with info.client(timeout=120) as api:
+            with info.client() as api:
                 figures = measure(info, api, (args.creates, args.fleet), url)
         finally:
             stop_server(process)
@@ -83,9 +83,9 @@ def measure(info: Server, api: httpx.Client, sizes: tuple[int, int], url: str) -
         statuses = api.post("/sandbox/status:batchGet", json={"sandbox_ids": sorted(pending)})
         for item in statuses.json()["statuses"]:
             if item["status"] == "RUNNING":
-                pending.discard(item["id"])
+                pending.discard(item["sandbox_id"])
             elif item["status"] in ("ERROR", "TERMINATED", "TIMEOUT"):
-                raise SystemExit(f"fleet sandbox {item['id']} is {item['status']}")
+                raise SystemExit(f"fleet sandbox {item['sandbox_id']} is {item['status']}")
         time.sleep(0.01)
     per_sandbox_ms = (time.perf_counter() - started) * 1000 / fleet
     server_kb = (rss_bytes(info.pid) - before) / 1024 / fleet
