@@ -12,8 +12,9 @@ egress policy, and counts what it denies. The host still connects into a sandbox
 (exposures enter its namespace), and no process runs per sandbox.
 
 What a sandbox holds on the host is named in its meta dir first (`netns`), so a start
-cut short or a crashed server's sandbox is reclaimed by id. All changes run under one
-host-wide lock, as servers share slots and the table.
+cut short or a crashed server's sandbox is reclaimed by id. Taking and giving back a slot
+(servers share them, found from /run/netns) and making the table run under one host-wide
+lock; the rest of a setup runs beside others (each sandbox's rules are its own).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class Networks:
         return None
 
     def create(self, meta: Path, seq: int, egress: EgressPolicy | None) -> SandboxNet:
-        """A namespace for the sandbox whose meta dir is `meta` (named there first)."""
+        """A namespace for the sandbox whose meta dir is `meta` (named there first). Only
+        taking a slot (its namespace and host link made) holds the host-wide lock: the
+        rest runs beside other sandboxes' setups."""
         with self._locked():
             used = _used_slots()
             slot = next((s % SLOTS for s in range(seq, seq + SLOTS) if s % SLOTS not in used),
@@ -142,12 +145,12 @@ class Networks:
                 f"addr add {net.address(1)}/30 dev {net.link}",
                 f"link set {net.link} up",
             ]))  # fmt: skip
-            self._run([self.ip, "-n", net.netns, "-batch", "-"], "\n".join([
-                f"addr add {net.address(2)}/30 dev eth0",
-                "link set lo up", "link set eth0 up",
-                f"route add default via {net.address(1)}",
-            ]))  # fmt: skip
-            self._apply(net, egress, new=True)
+        self._run([self.ip, "-n", net.netns, "-batch", "-"], "\n".join([
+            f"addr add {net.address(2)}/30 dev eth0",
+            "link set lo up", "link set eth0 up",
+            f"route add default via {net.address(1)}",
+        ]))  # fmt: skip
+        self._apply(net, egress, new=True)
         return net
 
     def set_egress(self, meta: Path, egress: EgressPolicy | None) -> SandboxNet:
@@ -155,9 +158,8 @@ class Networks:
         net = _recorded(meta)
         if net is None:
             raise RuntimeFailure("the sandbox has no network namespace of its own")
-        with self._locked():
-            _record(meta, net, egress)
-            self._apply(net, egress, new=False)
+        _record(meta, net, egress)
+        self._apply(net, egress, new=False)
         return net
 
     def adopt(self, meta: Path) -> None:
@@ -190,11 +192,18 @@ class Networks:
             # rules named after it) may be another sandbox's by now
             if net is not None and (NETNS_DIR / net.netns).exists():
                 lines = [f"delete element inet {TABLE} sandboxes {{ {net.link} }}",
-                         f"delete element inet {TABLE} forwarders {{ {net.link} . "
-                         f"{net.address(1)} }}", f"delete chain inet {TABLE} {net.chain}",
-                         *(f"delete set inet {TABLE} {n}" for n in net.sets.values())]  # fmt: skip
-                for line in lines:  # each may be missing (a start cut short, no forwarder)
-                    self._run([self.nft, "-f", "-"], line, check=False)
+                         f"delete chain inet {TABLE} {net.chain}"]  # fmt: skip
+                optional = [
+                    f"delete element inet {TABLE} forwarders {{ {net.link} . {net.address(1)} }}",
+                    *(f"delete set inet {TABLE} {name}" for name in net.sets.values()),
+                ]
+                if forwarded(_recorded_egress(meta)):
+                    lines += optional
+                try:  # what it should have, in one go
+                    self._run([self.nft, "-f", "-"], "\n".join(lines) + "\n")
+                except RuntimeFailure:  # one at a time: some are missing (a start cut short)
+                    for line in [*lines, *optional]:
+                        self._run([self.nft, "-f", "-"], line, check=False)
                 self._run([self.ip, "netns", "delete", net.netns], check=False)  # veth too
         if net is not None and self._forwarder is not None:
             self._forwarder.remove(net.link)
@@ -214,9 +223,10 @@ class Networks:
         try:
             self._run([self.nft, "-f", "-"], script)
         except RuntimeFailure:  # the table went (e.g. `nft flush ruleset`): made again
-            if f"table inet {TABLE}\n" in self._run([self.nft, "list", "tables"]) + "\n":
-                raise
-            self._run([self.nft, "-f", "-"], TABLE_RULES)
+            with self._locked():
+                if f"table inet {TABLE}\n" in self._run([self.nft, "list", "tables"]) + "\n":
+                    raise
+                self._run([self.nft, "-f", "-"], TABLE_RULES)
             self._run([self.nft, "-f", "-"], script)
         if forwarded(egress):
             self._forward(net, egress)
@@ -282,12 +292,13 @@ class Networks:
 
     @staticmethod
     def _run(argv: Sequence[str], stdin: str = "", *, check: bool = True) -> str:
+        """The command's output; when it fails, RuntimeFailure (or "" without `check`)."""
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
                               env={"PATH": SYSTEM_PATH}, check=False)  # fmt: skip
         if check and done.returncode != 0:
             raise RuntimeFailure(f"{os.path.basename(argv[0])} failed: "
                                  f"{done.stderr.strip()[:400]}")  # fmt: skip
-        return done.stdout
+        return done.stdout if done.returncode == 0 else ""
 
 
 def forwarded(egress: EgressPolicy | None) -> bool:
