@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests` importab
 
 import httpx
 
+from fleetctl.contract import MAX_BATCH
 from fleetctl.sandboxes import APIClient, SandboxClient
 from tests.bench.local_runtime import create_running, rss_bytes
 from tests.conftest import Server, start_server, stop_server
@@ -80,7 +81,8 @@ def measure(info: Server, api: httpx.Client, sizes: tuple[int, int], url: str) -
     ids = [api.post("/sandbox", json={"name": f"f{i}", **body}).json()["id"] for i in range(fleet)]
     pending = set(ids)
     while pending:
-        statuses = api.post("/sandbox/status:batchGet", json={"sandbox_ids": sorted(pending)})
+        batch = sorted(pending)[:MAX_BATCH]
+        statuses = api.post("/sandbox/status:batchGet", json={"sandbox_ids": batch})
         for item in statuses.json()["statuses"]:
             if item["status"] == "RUNNING":
                 pending.discard(item["sandbox_id"])
