@@ -213,10 +213,13 @@ class Networks:
         """Prefix that runs a command (bwrap) in the sandbox's namespace."""
         return [self.nsenter, f"--net={NETNS_DIR / net.netns}", "--"]
 
-    def resolv_conf(self, net: SandboxNet, egress: EgressPolicy | None) -> str:
-        """The sandbox's /etc/resolv.conf: this server's forwarder, or the upstreams."""
+    def write_resolv(self, path: Path, net: SandboxNet, egress: EgressPolicy | None) -> Path:
+        """Write the sandbox's /etc/resolv.conf at `path` (bound inside: rewritten in place,
+        the same inode): this server's forwarder, or the upstreams."""
         found = [net.address(1)] if forwarded(egress) else self.resolvers
-        return "".join(f"nameserver {address}\n" for address in found)
+        path.write_text("".join(f"nameserver {address}\n" for address in found))
+        path.chmod(0o444)
+        return path
 
     def _apply(self, net: SandboxNet, egress: EgressPolicy | None, *, new: bool) -> None:
         script = self._chain(net, egress, new=new)

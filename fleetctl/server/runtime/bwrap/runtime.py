@@ -129,7 +129,12 @@ class BwrapRuntime:
         home = self.sandbox_dir(spec.id)
         make_home(home, spec.image, uid, len(spec.layers))
         with layers_mounted(spec, home, uid):
-            return self._start(spec, home, uid)
+            try:
+                return self._start(spec, home, uid)
+            except BaseException:  # e.g. deleted while starting: its network goes now
+                if self.networks is not None:
+                    self.networks.remove(self.meta / spec.id)
+                raise
 
     def _start(self, spec: LaunchSpec, home: Path, uid: int) -> Handle:
         meta = self.meta / spec.id
@@ -228,9 +233,7 @@ class BwrapRuntime:
         if not spec.network or self.networks is None:
             return [], []
         net = self.networks.create(meta, spec.seq, spec.egress)
-        resolv = home / "resolv.conf"
-        resolv.write_text(self.networks.resolv_conf(net, spec.egress))
-        resolv.chmod(0o444)
+        resolv = self.networks.write_resolv(home / "resolv.conf", net, spec.egress)
         return self.networks.enter_argv(net), ["--ro-bind", str(resolv), "/etc/resolv.conf"]
 
     def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
@@ -238,10 +241,7 @@ class BwrapRuntime:
             raise RuntimeFailure("sandboxes of this server share its network (started with "
                                  "--insecure-host-network): no egress policy applies")  # fmt: skip
         net = self.networks.set_egress(self.meta / sandbox_id, egress)
-        # the same file (inode) stays bound at /etc/resolv.conf inside
-        (self.sandbox_dir(sandbox_id) / "resolv.conf").write_text(
-            self.networks.resolv_conf(net, egress)
-        )
+        self.networks.write_resolv(self.sandbox_dir(sandbox_id) / "resolv.conf", net, egress)
 
     def egress_denied(self, sandbox_id: str) -> int:
         return self.networks.denied(self.meta / sandbox_id) if self.networks else 0
