@@ -34,6 +34,7 @@ import httpx
 import pytest
 
 from fleetctl.cli import main
+from fleetctl.sandboxes import APIClient, SandboxClient
 from fleetctl.server.asgi import key_id
 from fleetctl.server.runtime.bwrap.host import probe
 
@@ -300,3 +301,16 @@ def running(api: httpx.Client, sandboxes: Create, gateway: Connect) -> Running:
         return wait_for(api, record["id"], "RUNNING"), gateway(record["id"])
 
     return start
+
+
+@contextlib.contextmanager
+def tidy_client(server: Server) -> Iterator[SandboxClient]:
+    """An SDK client of `server`; the sandboxes still live at the end are deleted."""
+    client = SandboxClient(APIClient(api_key=server.token, base_url=server.url))
+    try:
+        yield client
+        live = [s.id for s in client.list(per_page=100).sandboxes if s.status != "TERMINATED"]
+        if live:
+            client.bulk_delete(sandbox_ids=live)
+    finally:
+        client.close()

@@ -14,7 +14,7 @@ import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
 from fleetctl.sandboxes.errors import SandboxImagePullError
-from tests.conftest import Server, own_server, wait_for
+from tests.conftest import Server, own_server, tidy_client, wait_for
 from tests.images.conftest import NO_INTERNET
 from tests.images.registry import (
     OCI_CONFIG,
@@ -31,13 +31,9 @@ pytestmark = pytest.mark.usefixtures("puller")
 
 @pytest.fixture
 def sdk(puller: Server) -> Iterator[SandboxClient]:
-    """A client of the pulling server; the test's sandboxes are deleted after it."""
-    client = SandboxClient(APIClient(api_key=puller.token, base_url=puller.url))
-    yield client
-    live = [s.id for s in client.list(per_page=100).sandboxes if s.status != "TERMINATED"]
-    if live:
-        client.bulk_delete(sandbox_ids=live)
-    client.close()
+    """A client of the test server; the test's sandboxes are deleted after it."""
+    with tidy_client(puller) as client:
+        yield client
 
 
 def run(sdk: SandboxClient, image: str) -> str:

@@ -19,7 +19,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
-from tests.conftest import Server, own_server, start_server, stop_server
+from tests.conftest import Server, own_server, start_server, stop_server, tidy_client
 from tests.network.fakenet import Hosts, fake_hosts, netns_names
 
 #: Runs inside a sandbox: tries every "host:port" of argv at once, prints one line each.
@@ -55,12 +55,9 @@ def networked(hosts: Hosts) -> Iterator[Server]:
 
 @pytest.fixture
 def sdk(networked: Server) -> Iterator[SandboxClient]:
-    client = SandboxClient(APIClient(api_key=networked.token, base_url=networked.url))
-    yield client
-    live = [s.id for s in client.list(per_page=100).sandboxes if s.status != "TERMINATED"]
-    if live:
-        client.bulk_delete(sandbox_ids=live)
-    client.close()
+    """A client of the test server; the test's sandboxes are deleted after it."""
+    with tidy_client(networked) as client:
+        yield client
 
 
 def started(sdk: SandboxClient, **fields: object) -> str:
