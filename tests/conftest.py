@@ -169,6 +169,39 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=60)
 
 
+def sandbox_namespaces() -> set[str]:
+    """The network namespaces of sandboxes on this host (any server's)."""
+    path = Path("/run/netns")
+    return {n for n in os.listdir(path) if n.startswith("fleetctl-")} if path.is_dir() else set()
+
+
+def sandbox_rules() -> set[str]:
+    """The per-sandbox chains and sets of the host's sandbox table (`nft`), by name."""
+    listed = subprocess.run(["nft", "-t", "list", "table", "inet", "fleetctl_v1"],
+                            capture_output=True, text=True, check=False).stdout  # fmt: skip
+    words = (line.split() for line in listed.splitlines())
+    return {w[1] for w in words if len(w) > 1 and w[0] in ("chain", "set") and "fcv" in w[1]}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_on_the_network() -> Iterator[None]:
+    """Every sandbox namespace, chain and set the session's servers made is gone at its
+    end (torn down after them). What is left fails the run, and is removed."""
+    before = (sandbox_namespaces(), sandbox_rules())
+    yield
+    left = (sandbox_namespaces() - before[0], sandbox_rules() - before[1])
+    for name in left[0]:
+        link = f"fcv{name.split('-')[1]}"
+        subprocess.run(["nft", f"delete element inet fleetctl_v1 sandboxes {{ {link} }}"],
+                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+    for name in sorted(left[1], key=lambda n: not n.startswith("s_")):  # chains first
+        kind = "chain" if name.startswith("s_") else "set"
+        subprocess.run(["nft", "delete", kind, "inet", "fleetctl_v1", name],
+                       capture_output=True, check=False)  # fmt: skip
+    assert left == (set(), set()), f"left behind on the host's network: {left}"
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if not probe().can_run:

@@ -13,13 +13,23 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
-from tests.conftest import Server, own_server, start_server, stop_server, tidy_client
+from tests.conftest import (
+    Server,
+    own_server,
+    sandbox_namespaces,
+    sandbox_rules,
+    start_server,
+    stop_server,
+    tidy_client,
+)
 from tests.network.fakenet import Hosts, fake_hosts, netns_names
 
 #: Runs inside a sandbox: tries every "host:port" of argv at once, prints one line each.
@@ -164,7 +174,7 @@ def test_a_crashed_server_s_networked_sandboxes_survive_and_nothing_leaks(hosts:
             ids = [sdk.create(CreateSandboxRequest(name=f"n{i}", docker_image=image)).id
                    for i in range(20)]  # fmt: skip
             sdk.bulk_wait_for_creation(ids)
-        before = {n for n in netns_names() if n.startswith("fleetctl-")}
+        before = sandbox_namespaces()
         assert len(before) >= 20
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
@@ -186,6 +196,28 @@ def test_a_crashed_server_s_networked_sandboxes_survive_and_nothing_leaks(hosts:
         slot = netns.split("-")[1]
         assert f"fcv{slot}" not in links
         assert f"fcv{slot}" not in chains
+
+
+def test_sandboxes_deleted_while_they_start_leave_no_namespace_or_rule(
+    sdk: SandboxClient,
+) -> None:
+    """Found by the suite's leak check: a delete racing a start removed the sandbox's run
+    dir (and what names its namespace) between the namespace being made and bwrap."""
+    rules_before = sandbox_rules()
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda i: created_and_deleted(sdk, i), range(24)))
+    deadline = time.monotonic() + 30
+    while (left := {n for n in netns_names() if n.endswith(tuple(ids))}) or (
+        sandbox_rules() != rules_before
+    ):
+        assert time.monotonic() < deadline, f"left: {left}, rules {sandbox_rules()}"
+        time.sleep(0.05)
+
+
+def created_and_deleted(sdk: SandboxClient, index: int) -> str:
+    found = sdk.create(CreateSandboxRequest(name=f"race{index}", docker_image="python:3.11-slim"))
+    sdk.delete(found.id)
+    return found.id
 
 
 def test_insecure_host_network_shares_the_host_s_and_refuses_egress_lists() -> None:

@@ -4,6 +4,7 @@ and the process primitives the runtime uses on it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -88,3 +89,19 @@ def tree_bytes(top: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
+
+
+def exit_code(status: Path) -> int | None:
+    """The main process's exit code once it ended, from bwrap's status file."""
+    try:
+        lines = status.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if "exit-code" in event:
+            return int(event["exit-code"])
+    return None

@@ -12,9 +12,9 @@ egress policy, and counts what it denies. The host still connects into a sandbox
 (exposures enter its namespace), and no process runs per sandbox.
 
 What a sandbox holds on the host is named in its meta dir first (`netns`), so a start
-cut short or a crashed server's sandbox is reclaimed by id. Taking and giving back a slot
-(servers share them, found from /run/netns) and making the table run under one host-wide
-lock; the rest of a setup runs beside others (each sandbox's rules are its own).
+cut short or a crashed server's sandbox is reclaimed by id. Taking a slot (servers share
+them, found from /run/netns) and making the table run under one host-wide lock; the rest
+of a setup, and a removal, run beside others (each sandbox's rules are its own).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 from fleetctl.egress import parse_entry
-from fleetctl.server.runtime.base import EgressPolicy, RuntimeFailure
+from fleetctl.server.runtime.base import EgressPolicy, LaunchSpec, RuntimeFailure
 from fleetctl.server.runtime.bwrap.dns import Forwarder, NamePolicy
 from fleetctl.server.runtime.bwrap.host import SYSTEM_PATH
 
@@ -111,6 +112,11 @@ class Networks:
                                            for tool in ("ip", "nft", "nsenter"))  # fmt: skip
         self.problem = self._prepare()
         self._forwarder: Forwarder | None = None
+        self._setups = futures.ThreadPoolExecutor(8, thread_name_prefix="netns")
+
+    def setup(self, meta: Path, spec: LaunchSpec) -> futures.Future[SandboxNet]:
+        """`create` on a thread of its own: a third of a networked start, made meanwhile."""
+        return self._setups.submit(self.create, meta, spec.seq, spec.egress)
 
     def _prepare(self) -> str | None:
         if os.geteuid() != 0:
@@ -150,7 +156,7 @@ class Networks:
             "link set lo up", "link set eth0 up",
             f"route add default via {net.address(1)}",
         ]))  # fmt: skip
-        self._apply(net, egress, new=True)
+        self._apply(net, egress, had=None)
         return net
 
     def set_egress(self, meta: Path, egress: EgressPolicy | None) -> SandboxNet:
@@ -158,8 +164,9 @@ class Networks:
         net = _recorded(meta)
         if net is None:
             raise RuntimeFailure("the sandbox has no network namespace of its own")
+        had = forwarded(_recorded_egress(meta))
         _record(meta, net, egress)
-        self._apply(net, egress, new=False)
+        self._apply(net, egress, had=had)
         return net
 
     def adopt(self, meta: Path) -> None:
@@ -187,31 +194,36 @@ class Networks:
     def remove(self, meta: Path) -> None:
         """Remove what `create` made for that meta dir (nothing made: nothing to do)."""
         net = _recorded(meta)
-        with self._locked():
-            # the namespace is made first and removed last: without it, the slot (and the
-            # rules named after it) may be another sandbox's by now
-            if net is not None and (NETNS_DIR / net.netns).exists():
-                lines = [f"delete element inet {TABLE} sandboxes {{ {net.link} }}",
-                         f"delete chain inet {TABLE} {net.chain}"]  # fmt: skip
-                optional = [
-                    f"delete element inet {TABLE} forwarders {{ {net.link} . {net.address(1)} }}",
-                    *(f"delete set inet {TABLE} {name}" for name in net.sets.values()),
-                ]
-                if forwarded(_recorded_egress(meta)):
-                    lines += optional
-                try:  # what it should have, in one go
-                    self._run([self.nft, "-f", "-"], "\n".join(lines) + "\n")
-                except RuntimeFailure:  # one at a time: some are missing (a start cut short)
-                    for line in [*lines, *optional]:
-                        self._run([self.nft, "-f", "-"], line, check=False)
-                self._run([self.ip, "netns", "delete", net.netns], check=False)  # veth too
+        # the namespace is made first and removed last: without it, the slot (and the rules
+        # named after it) may be another sandbox's by now. With it, the slot stays this
+        # sandbox's (no lock needed: the runtime never removes one sandbox's twice at once).
+        if net is not None and (NETNS_DIR / net.netns).exists():
+            lines = [f"delete element inet {TABLE} sandboxes {{ {net.link} }}",
+                     f"delete chain inet {TABLE} {net.chain}"]  # fmt: skip
+            optional = [
+                f"delete element inet {TABLE} forwarders {{ {net.link} . {net.address(1)} }}",
+                *(f"delete set inet {TABLE} {name}" for name in net.sets.values()),
+            ]
+            if forwarded(_recorded_egress(meta)):
+                lines += optional
+            try:  # what it should have, in one go
+                self._run([self.nft, "-f", "-"], "\n".join(lines) + "\n")
+            except RuntimeFailure:  # one at a time: some are missing (a start cut short)
+                for line in [*lines, *optional]:
+                    self._run([self.nft, "-f", "-"], line, check=False)
+            self._run([self.ip, "netns", "delete", net.netns], check=False)  # veth too
         if net is not None and self._forwarder is not None:
             self._forwarder.remove(net.link)
         (meta / "netns").unlink(missing_ok=True)
 
-    def enter_argv(self, net: SandboxNet) -> list[str]:
-        """Prefix that runs a command (bwrap) in the sandbox's namespace."""
-        return [self.nsenter, f"--net={NETNS_DIR / net.netns}", "--"]
+    def wrap(
+        self, net: SandboxNet, home: Path, egress: EgressPolicy | None
+    ) -> tuple[list[str], list[str]]:
+        """The prefix that runs bwrap in the sandbox's namespace, and the bwrap options that
+        give it its resolvers (a resolv.conf written in its `home`)."""
+        resolv = self.write_resolv(home / "resolv.conf", net, egress)
+        enter = [self.nsenter, f"--net={NETNS_DIR / net.netns}", "--"]
+        return enter, ["--ro-bind", str(resolv), "/etc/resolv.conf"]
 
     def write_resolv(self, path: Path, net: SandboxNet, egress: EgressPolicy | None) -> Path:
         """Write the sandbox's /etc/resolv.conf at `path` (bound inside: rewritten in place,
@@ -221,8 +233,10 @@ class Networks:
         path.chmod(0o444)
         return path
 
-    def _apply(self, net: SandboxNet, egress: EgressPolicy | None, *, new: bool) -> None:
-        script = self._chain(net, egress, new=new)
+    def _apply(self, net: SandboxNet, egress: EgressPolicy | None, *, had: bool | None) -> None:
+        """Make (`had` None) or replace the sandbox's rules; `had`: its DNS went through
+        the forwarder so far."""
+        script = self._chain(net, egress, had=had)
         try:
             self._run([self.nft, "-f", "-"], script)
         except RuntimeFailure:  # the table went (e.g. `nft flush ruleset`): made again
@@ -251,9 +265,10 @@ class Networks:
         self._run([self.nft, "-f", "-"], f"add element inet {TABLE} {name} {{ {elements} }}\n",
                   check=False)  # fmt: skip
 
-    def _chain(self, net: SandboxNet, egress: EgressPolicy | None, *, new: bool) -> str:
+    def _chain(self, net: SandboxNet, egress: EgressPolicy | None, *, had: bool | None) -> str:
         """The sandbox's chain (made or flushed), its rules, its verdict map entry, and its
-        sets of learnt addresses when its DNS goes through the forwarder."""
+        sets of learnt addresses when its DNS goes through the forwarder. Elements and sets
+        are deleted only when they exist: a deletion costs a commit ~3x as long."""
         allow = egress is not None and egress.mode == "allow"
         rules = ["ct state established,related accept"]  # a policy change spares them
         if self.resolvers and not forwarded(egress):
@@ -267,20 +282,23 @@ class Networks:
                 ports = f" th dport {parsed.ports[0]}-{parsed.ports[1]}" if parsed.ports else ""
                 rules.append(f"ip daddr {parsed.target}{ports} {verdict}")
         lines = [f"add chain inet {TABLE} {net.chain}", f"flush chain inet {TABLE} {net.chain}"]
-        forwarder = f"forwarders {{ {net.link} . {net.address(1)} }}"
-        lines += [f"add element inet {TABLE} {forwarder}"]  # then kept, or taken back
+        forwarder = f"element inet {TABLE} forwarders {{ {net.link} . {net.address(1)} }}"
         if forwarded(egress):
+            lines.append(f"add {forwarder}")
             for port, name in net.sets.items():
                 lines += [f"add set inet {TABLE} {name} {{ type ipv4_addr; flags timeout; }}",
                           f"flush set inet {TABLE} {name}"]  # fmt: skip
                 rules.append(f"ip daddr @{name} tcp dport {port} {verdict}")
-        else:
-            lines.append(f"delete element inet {TABLE} {forwarder}")
+        elif had:  # after the flush: no rule refers to its sets any more
+            lines += [
+                f"delete {forwarder}",
+                *(f"delete set inet {TABLE} {n}" for n in net.sets.values()),
+            ]
         if allow:
             rules += ["ct state new counter drop", "drop"]
         rules.append("accept")
         lines += [f"add rule inet {TABLE} {net.chain} {rule}" for rule in rules]
-        if new:
+        if had is None:
             lines.append(f"add element inet {TABLE} sandboxes {{ {net.link} : jump {net.chain} }}")
         return "\n".join(lines) + "\n"
 

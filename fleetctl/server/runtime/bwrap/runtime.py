@@ -15,13 +15,14 @@ handle kept in the database. Commands and files go in through `inside.Entry`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from concurrent import futures
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from fleetctl.server.runtime.bwrap.cgroups import Cgroup
 from fleetctl.server.runtime.bwrap.handle import (
     NEVER,
     SandboxHandle,
+    exit_code,
     kill_pid,
     send_signal,
     start_time,
@@ -69,7 +71,7 @@ from fleetctl.server.runtime.bwrap.layout import (
     setenv_args,
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
-from fleetctl.server.runtime.bwrap.network import Networks
+from fleetctl.server.runtime.bwrap.network import Networks, SandboxNet
 
 #: Host ids for sandboxes start here; each sandbox gets ID_RANGE of its own (by its seq),
 #: above the single uids (1e9 to 1.1e9) of sandboxes started by older servers.
@@ -104,6 +106,7 @@ class BwrapRuntime:
         self.bwrap = install_bwrap(data_dir, host.bwrap)
         self.tools = install_tools(data_dir, self.host_tool("setpriv"))
         self._children: dict[str, Child] = {}
+        self._stripes = [threading.Lock() for _ in range(64)]  # start/stop, by sandbox id
         self.networks = networks
 
     @property
@@ -124,26 +127,39 @@ class BwrapRuntime:
             log.write(text)
 
     def start(self, spec: LaunchSpec) -> Handle:
-        """Start a sandbox and return once its main process runs (blocking)."""
-        uid = UID_BASE + spec.seq % UID_SLOTS * ID_RANGE
-        home = self.sandbox_dir(spec.id)
-        make_home(home, spec.image, uid, len(spec.layers))
-        with layers_mounted(spec, home, uid):
-            try:
-                return self._start(spec, home, uid)
-            except BaseException:  # e.g. deleted while starting: its network goes now
-                if self.networks is not None:
-                    self.networks.remove(self.meta / spec.id)
-                raise
+        """Start a sandbox and return once its main process runs (blocking). A `stop` of
+        the same sandbox waits for it (or it for the stop): neither sees half the other."""
+        with self._stripes[hash(spec.id) % len(self._stripes)]:
+            return self._prepare(spec)
 
-    def _start(self, spec: LaunchSpec, home: Path, uid: int) -> Handle:
-        meta = self.meta / spec.id
+    def _prepare(self, spec: LaunchSpec) -> Handle:
+        uid = UID_BASE + spec.seq % UID_SLOTS * ID_RANGE
+        home, meta = self.sandbox_dir(spec.id), self.meta / spec.id
         meta.mkdir(mode=0o700, exist_ok=True)
+        # its network namespace is made while its files are (undone by `stop` if need be)
+        net = self.networks.setup(meta, spec) if spec.network and self.networks else None
+        try:
+            make_home(home, spec.image, uid, len(spec.layers))
+            with layers_mounted(spec, home, uid):
+                return self._start(spec, home, uid, net)
+        except BaseException:  # e.g. deleted while starting: its network goes now
+            if net is not None and self.networks is not None:
+                futures.wait([net])
+                self.networks.remove(meta)
+            raise
+
+    def _start(
+        self, spec: LaunchSpec, home: Path, uid: int, net: futures.Future[SandboxNet] | None
+    ) -> Handle:
+        meta = self.meta / spec.id
         cgroup = None
         if spec.limits is not None:
             cgroup = Cgroup.for_sandbox(spec.id)
             cgroup.create(spec.limits)
-        enter, resolvers = self._network(spec, meta, home)  # undone by `stop` if need be
+        enter: list[str] = []
+        resolvers: list[str] = []
+        if net is not None and self.networks is not None:
+            enter, resolvers = self.networks.wrap(net.result(), home, spec.egress)
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         args_r, args_w = os.pipe()
@@ -227,15 +243,6 @@ class BwrapRuntime:
             cgroup_paths=tuple(str(p) for p in cgroup.paths) if cgroup else (),
         ).to_json()
 
-    def _network(self, spec: LaunchSpec, meta: Path, home: Path) -> tuple[list[str], list[str]]:
-        """What runs bwrap in the sandbox's own network namespace, and the bwrap options
-        that give it its resolvers (none without network, or when the host's is shared)."""
-        if not spec.network or self.networks is None:
-            return [], []
-        net = self.networks.create(meta, spec.seq, spec.egress)
-        resolv = self.networks.write_resolv(home / "resolv.conf", net, spec.egress)
-        return self.networks.enter_argv(net), ["--ro-bind", str(resolv), "/etc/resolv.conf"]
-
     def set_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
         if self.networks is None:
             raise RuntimeFailure("sandboxes of this server share its network (started with "
@@ -283,7 +290,9 @@ class BwrapRuntime:
         found = SandboxHandle.from_json(handle)
         alive = self._alive(found)
         oom_kills = found.cgroup.oom_kills() if found.cgroup else 0
-        return Usage(alive, oom_kills, None if alive else self._exit_code(found.id))
+        return Usage(
+            alive, oom_kills, None if alive else exit_code(self.meta / found.id / "status.json")
+        )
 
     def _alive(self, handle: SandboxHandle) -> bool:
         """True while the sandbox's init process (pid 1 inside) is the one we started."""
@@ -336,21 +345,6 @@ class BwrapRuntime:
         if path.parent == self.checkpoints:  # never anything else
             shutil.rmtree(path, ignore_errors=True)
 
-    def _exit_code(self, sandbox_id: str) -> int | None:
-        """The main process's exit code once it ended, from bwrap's status file."""
-        try:
-            lines = (self.meta / sandbox_id / "status.json").read_text().splitlines()
-        except OSError:
-            return None
-        for line in reversed(lines):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if "exit-code" in event:
-                return int(event["exit-code"])
-        return None
-
     def kill(self, handle: Handle) -> None:
         self._kill(SandboxHandle.from_json(handle))
 
@@ -360,6 +354,10 @@ class BwrapRuntime:
             kill_pid(handle.init_pid)
 
     def stop(self, sandbox_id: str, handle: Handle | None) -> None:
+        with self._stripes[hash(sandbox_id) % len(self._stripes)]:
+            self._stop(sandbox_id, handle)
+
+    def _stop(self, sandbox_id: str, handle: Handle | None) -> None:
         found = SandboxHandle.from_json(handle) if handle else None
         if found is not None:
             self._kill(found)
