@@ -117,11 +117,14 @@ async def _read_facts(
                 (await client.execute_command(sandbox.id, FACTS_SCRIPT, timeout=30)).stdout
                 if inside else ""
             )  # fmt: skip
+            kept = await client.started_background_jobs(sandbox.id) if inside else None
         except (APIError, SandboxNotRunningError):
             return  # facts stay unknown: the planner then compares nothing in place
     exposures = {(e.port, e.protocol or "HTTP"): e.exposure_id for e in ports.exposures}
     files: dict[str, str] = {}
-    jobs: set[str] = set()
+    # the server's record of the jobs it started, which a job cannot wipe (where it
+    # keeps jobs), and the logs of jobs started through exec
+    jobs = {i.removeprefix(JOB_PREFIX) for i in kept or () if i.startswith(JOB_PREFIX)}
     for line in listing.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "job":

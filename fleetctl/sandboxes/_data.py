@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from fleetctl.contract import DEFAULT_EXEC_TIMEOUT_S, MAX_BATCH, MAX_EXEC_TIMEOUT_S
 from fleetctl.proto import command_session_pb2 as pb
 from fleetctl.sandboxes import _connect, errors
-from fleetctl.sandboxes._calls import Call, Op, model, ok
+from fleetctl.sandboxes._calls import Call, Op, model, ok, sandbox_path
 from fleetctl.sandboxes._calls import unsupported as unsupported_endpoint
 from fleetctl.sandboxes._control import ControlOps, Gateway
 from fleetctl.sandboxes.errors import ConnectFailure
@@ -254,14 +254,25 @@ class DataOps(ControlOps):
     ) -> Op[BackgroundJob]:
         """Run `command` detached; its output and exit code go to files in /tmp.
 
-        Works against any server with exec and read-file, and the job survives this
-        client exiting. A `job_id` you choose (letters, digits, - and _) lets another
-        process find the job again.
+        A `job_id` you choose (letters, digits, - and _) lets another process find the
+        job again. A server that keeps jobs (the local one) starts a job id once per
+        sandbox, ever (a second start is a no-op), and keeps its exit code where the job
+        cannot wipe it; any other server with exec and read-file gets the job through
+        exec, with its state in /tmp only. The job survives this client exiting.
         """
         job_id = job_id or uuid.uuid4().hex[:12]
         if not job_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError("job_id may hold only letters, digits, - and _")
         job = BackgroundJob.for_id(job_id, sandbox_id)
+        body = {"job_id": job_id, "command": command, "working_dir": working_dir,
+                "env": dict(env or {})}  # fmt: skip
+        # kept by the server: retried safely (a second start of the id is a no-op)
+        response = yield Call("POST", sandbox_path(sandbox_id, "background-jobs"), json=body)
+        if not unsupported_endpoint(response):
+            if response.status_code == 409:
+                yield from self.raise_unless_running(sandbox_id)
+            ok(response)
+            return job
         cd = f"cd {shlex.quote(working_dir)} && " if working_dir else ""
         inner = (
             f"({cd}{command}) > {job.stdout_log_file} 2> {job.stderr_log_file}; "
@@ -276,9 +287,19 @@ class DataOps(ControlOps):
             )
         return job
 
+    def started_background_jobs(self, sandbox_id: str) -> Op[list[str] | None]:
+        """The ids of the jobs the server started in the sandbox (those kept by it), or
+        None from a server that does not keep jobs."""
+        response = yield Call("GET", sandbox_path(sandbox_id, "background-jobs"))
+        if unsupported_endpoint(response):
+            return None
+        return [str(job["job_id"]) for job in ok(response).json()["jobs"]]
+
     def get_background_job(self, sandbox_id: str, job: BackgroundJob) -> Op[BackgroundJobStatus]:
-        """The job's status; once it completed, its exit code and (the last 10 MB of) output."""
-        snapshot = yield from self._job_snapshot(sandbox_id, job)
+        """The job's status; once it completed, its exit code and (the last 10 MB of) output.
+        The status is the server's record where it keeps jobs (`get_background_job_statuses`)."""
+        job = BackgroundJob.for_id(job.job_id, sandbox_id)
+        (snapshot,) = yield from self.get_background_job_statuses([job])
         return (yield from self._hydrated(job, snapshot))
 
     def get_background_job_statuses(

@@ -279,6 +279,34 @@ class BatchJobStatusResponse(BaseModel):
     errors: list[JobError]
 
 
+class StartJob(_Request):
+    """`POST /sandbox/{id}/background-jobs`: run `command` detached, once for this id."""
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    command: str = Field(min_length=1)
+    working_dir: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value) or {}
+
+
+class JobStarted(BaseModel):
+    """`started` false: a job of this id was started before, and was not again."""
+
+    sandbox_id: str
+    job_id: str
+    started: bool
+
+
+class JobList(BaseModel):
+    """`GET /sandbox/{id}/background-jobs`: the jobs the server started there."""
+
+    jobs: list[JobStatusItem]
+
+
 class BulkDeleteResponse(BaseModel):
     succeeded: list[str]
     failed: list[dict[str, str]]
@@ -298,6 +326,9 @@ class ExecResponse(BaseModel):
     stdout: str
     stderr: str
     exit_code: int
+    #: Past 16 MiB, a stream's output is dropped: said here (today's clients ignore it).
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 class UploadResponse(BaseModel):

@@ -27,6 +27,7 @@ from fleetctl.server.routes.connect import ConnectGateway
 from fleetctl.server.routes.deps import Unauthorized
 from fleetctl.server.service import (
     Busy,
+    Failed,
     NotFound,
     NotRunning,
     Refused,
@@ -36,7 +37,8 @@ from fleetctl.server.service import (
 
 #: Service errors and the statuses they answer with.
 STATUSES: dict[type[Exception], int] = {Unauthorized: 401, NotFound: 404, NotRunning: 409,
-                                        Busy: 409, Refused: 400, Unsupported: 501}  # fmt: skip
+                                        Busy: 409, Refused: 400, Unsupported: 501,
+                                        Failed: 500}  # fmt: skip
 
 
 def create_app(

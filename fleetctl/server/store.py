@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    sandbox_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    exit_code INTEGER,
+    finished_at TEXT,
+    PRIMARY KEY (sandbox_id, job_id)
+);
 """
 
 
@@ -125,6 +133,17 @@ class CheckpointRecord:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A background job the server started: once per (sandbox, job id), ever."""
+
+    sandbox_id: str
+    job_id: str
+    started_at: datetime
+    exit_code: int | None = None
+    finished_at: datetime | None = None
+
+
 _DATES = ("created_at", "updated_at", "started_at", "terminated_at", "deleted_at")
 _JSON = ("request", "runtime")
 
@@ -135,6 +154,7 @@ class Store:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self.checkpoints = CheckpointStore(self)
+        self.jobs = JobStore(self)
         # 0600 before SQLite opens it: its -wal and -shm files take the same mode,
         # and environment variables are stored here
         path.touch(mode=0o600, exist_ok=True)
@@ -236,6 +256,7 @@ class Store:
         """Forget a sandbox entirely (its exposures too)."""
         with self._tx() as db:
             db.execute("DELETE FROM exposures WHERE sandbox_id = ?", (sandbox_id,))
+            db.execute("DELETE FROM jobs WHERE sandbox_id = ?", (sandbox_id,))
             db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
     def add_exposure(self, exposure: ExposureRecord) -> None:
@@ -334,6 +355,44 @@ class CheckpointStore:
                 values[name] = datetime.fromisoformat(values[name])
             records.append(CheckpointRecord(**values))
         return records
+
+
+class JobStore:
+    """Background job records, in the same database as the sandboxes."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def claim(self, sandbox_id: str, job_id: str) -> bool:
+        """Record that the job starts now; False when it was started before (then it
+        must not start again)."""
+        with self._store._tx() as db:
+            row = (sandbox_id, job_id, utcnow().isoformat())
+            done = db.execute("INSERT OR IGNORE INTO jobs (sandbox_id, job_id, started_at) "
+                              "VALUES (?, ?, ?)", row)  # fmt: skip
+            return done.rowcount == 1
+
+    def finish(self, sandbox_id: str, job_id: str, exit_code: int) -> None:
+        with self._store._tx() as db:
+            row = (exit_code, utcnow().isoformat(), sandbox_id, job_id)
+            db.execute("UPDATE jobs SET exit_code = ?, finished_at = ? WHERE sandbox_id = ? "
+                       "AND job_id = ?", row)  # fmt: skip
+
+    def of(self, sandbox_id: str) -> list[JobRecord]:
+        """A sandbox's jobs, in the order they started."""
+        with self._store._lock:
+            rows = self._store._db.execute("SELECT * FROM jobs WHERE sandbox_id = ? ORDER BY "
+                                           "started_at", (sandbox_id,)).fetchall()  # fmt: skip
+        return [
+            JobRecord(
+                row["sandbox_id"],
+                row["job_id"],
+                datetime.fromisoformat(row["started_at"]),
+                row["exit_code"],
+                row["finished_at"] and datetime.fromisoformat(row["finished_at"]),
+            )
+            for row in rows
+        ]
 
 
 def _checkpoint_row(record: CheckpointRecord) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def benches(quick: bool) -> list[Bench]:
                   "soak (2 rounds of 12) and crash scenarios under faults, short", 900),
         ]  # fmt: skip
     return [
-        Bench("local_runtime.py", (), "50 sandboxes, 200 commands through the API", 900),
+        Bench("local_runtime.py", (), "50 sandboxes, 200 warm commands through the API, the "
+              "first command of 20 others (each starts its exec helper)", 900),
         Bench("sdk_fanout.py", ("--n", "100", "--rate", "20"),
               "create, wait, exec, delete 100 sandboxes under `create=20/s`, ours vs the "
               "official 0.5.1 SDK", 900),

@@ -67,6 +67,7 @@ class Threaded:
         self.bulk_wait_for_creation = _threaded(client.bulk_wait_for_creation)
         self.execute_command = _threaded(client.execute_command)
         self.start_background_job = _threaded(client.start_background_job)
+        self.started_background_jobs = _threaded(client.started_background_jobs)
         self.get_background_job = _threaded(client.get_background_job)
         self.upload_file = _threaded(client.upload_file)
         self.download_file = _threaded(client.download_file)

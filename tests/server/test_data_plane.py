@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import Running
+from tests.conftest import WHOLE, Running
 
 
 def test_exec_working_dir_env_exit_code_and_stderr(running: Running) -> None:
@@ -16,7 +16,7 @@ def test_exec_working_dir_env_exit_code_and_stderr(running: Running) -> None:
     body = gw.exec(
         "pwd; echo $BASE $EXTRA; echo oops >&2; exit 7", working_dir="/tmp", env={"EXTRA": "e"}
     ).json()
-    assert body == {"stdout": "/tmp\nb e\n", "stderr": "oops\n", "exit_code": 7}
+    assert body == {"stdout": "/tmp\nb e\n", "stderr": "oops\n", "exit_code": 7, **WHOLE}
     assert gw.exec("pwd").json()["stdout"] == "/workspace\n"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Create, Gateway, Running, Server, wait_for
+from tests.conftest import WHOLE, Create, Gateway, Running, Server, wait_for
 
 SHADOW = Path("/etc/shadow")
 
@@ -166,7 +166,7 @@ def test_sandbox_cannot_see_the_server_token_database_or_host_secrets(
     listing = run(gw, f"ls -A {shlex.quote(data_dir)}")
     assert listing["exit_code"] != 0
     assert "state.db" not in listing["stdout"]
-    assert run(gw, "ls -A /root") == {"stdout": "", "stderr": "", "exit_code": 0}
+    assert run(gw, "ls -A /root") == {"stdout": "", "stderr": "", "exit_code": 0, **WHOLE}
     shadow = run(gw, "cat /etc/shadow")
     assert shadow["exit_code"] == 1
     assert "Permission denied" in shadow["stderr"]
@@ -544,7 +544,7 @@ def test_fork_bomb_stops_at_the_pids_limit_and_spares_the_server_and_other_sandb
     assert len(sandbox_processes(bomber["id"])) > 900  # the bomb's children still hold pids
 
     assert httpx.get(f"{server.url}/api/v1/health", timeout=10).status_code == 200
-    assert run(gw_other, "echo fine") == {"stdout": "fine\n", "stderr": "", "exit_code": 0}
+    assert run(gw_other, "echo fine") == {"stdout": "fine\n", "stderr": "", "exit_code": 0, **WHOLE}
     assert run(gw_bomber, "echo still")["stdout"] == "still\n"
     assert api.get(f"/sandbox/{bomber['id']}").json()["status"] == "RUNNING"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import Connect, Create, Running, Server, wait_for
+from tests.conftest import WHOLE, Connect, Create, Running, Server, wait_for
 
 
 def test_create_runs_and_reports_camel_case_without_secrets(
@@ -42,7 +42,7 @@ def test_create_runs_and_reports_camel_case_without_secrets(
     ]
     assert not any(canary in text for text in everything)
     result = gateway(created["id"]).exec("echo $TOKEN $A").json()
-    assert result == {"stdout": f"{canary} 1\n", "stderr": "", "exit_code": 0}
+    assert result == {"stdout": f"{canary} 1\n", "stderr": "", "exit_code": 0, **WHOLE}
 
 
 def test_idempotency_key_returns_the_same_sandbox(api: httpx.Client, sandboxes: Create) -> None:

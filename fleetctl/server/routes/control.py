@@ -135,7 +135,7 @@ def batch_status(service: Service, body: api.BatchStatus) -> api.BatchStatusResp
 async def batch_job_status(
     service: Service, body: api.BatchJobStatus
 ) -> api.BatchJobStatusResponse:
-    return await service.data.job_statuses(body.jobs)
+    return await service.jobs.statuses(body.jobs)
 
 
 # -- checkpoints (before /sandbox/{sandbox_id}, which "checkpoints" would match) ----------
@@ -227,6 +227,16 @@ async def bulk_delete(service: Service, body: api.BulkDelete) -> api.BulkDeleteR
 @router.get("/sandbox/{sandbox_id}/logs", response_model=api.Logs)
 def logs(service: Service, sandbox_id: str) -> api.Logs:
     return api.Logs(logs=service.sandboxes.logs(sandbox_id))
+
+
+@router.post("/sandbox/{sandbox_id}/background-jobs", response_model=api.JobStarted)
+async def start_job(service: Service, sandbox_id: str, body: api.StartJob) -> api.JobStarted:
+    return await service.jobs.start(sandbox_id, body)
+
+
+@router.get("/sandbox/{sandbox_id}/background-jobs", response_model=api.JobList)
+def list_jobs(service: Service, sandbox_id: str) -> api.JobList:
+    return service.jobs.of(sandbox_id)
 
 
 @router.get("/sandbox/{sandbox_id}/egress-policy", response_model=api.EgressPolicyStatus)

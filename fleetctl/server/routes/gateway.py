@@ -37,6 +37,8 @@ async def exec_command(
         stdout=result.stdout.decode("utf-8", "replace"),
         stderr=result.stderr.decode("utf-8", "replace"),
         exit_code=result.exit_code,
+        stdout_truncated=result.stdout_truncated,
+        stderr_truncated=result.stderr_truncated,
     )
 
 

@@ -35,6 +35,11 @@ class RuntimeFailure(Exception):
     """A sandbox could not be started or reached; the message says why."""
 
 
+class CommandLost(RuntimeFailure):
+    """A command was started and then lost track of (its exec helper died under it): it
+    may have run, and was killed; the message names nothing of the host."""
+
+
 class FileMissing(Exception):
     """The file asked for does not exist in the sandbox."""
 
@@ -122,6 +127,9 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    #: Output past the first 16 MiB of a stream was dropped.
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +221,13 @@ class Runtime(Protocol):
     ) -> ExecResult:
         """Run a shell command as `user`; past `timeout`, kill it and everything it started
         and answer `timed_out`."""
+        ...
+
+    async def run_job(
+        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, user: User
+    ) -> int:
+        """Run a background job's shell command to its end: its exit code. Cancelled (the
+        server stopping), the command runs on where the runtime can leave it running."""
         ...
 
     def spawn(

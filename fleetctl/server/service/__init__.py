@@ -24,11 +24,13 @@ from fleetctl.server.service.adoption import Adoption
 from fleetctl.server.service.checkpoints import Checkpoints
 from fleetctl.server.service.dataplane import DataPlane
 from fleetctl.server.service.images import Images
+from fleetctl.server.service.jobs import Jobs
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
 from fleetctl.server.service.processes import Processes
 from fleetctl.server.service.state import (
     Busy,
+    Failed,
     NotFound,
     NotRunning,
     Refused,
@@ -39,7 +41,8 @@ from fleetctl.server.service.state import (
 from fleetctl.server.store import SandboxRecord, Store
 
 __all__ = [
-    "Busy", "NotFound", "NotRunning", "Refused", "SandboxService", "Settings", "Unsupported",
+    "Busy", "Failed", "NotFound", "NotRunning", "Refused", "SandboxService", "Settings",
+    "Unsupported",
 ]  # fmt: skip
 
 
@@ -55,6 +58,7 @@ class SandboxService:
         self.monitor = Monitor(self.shared, self.sandboxes)
         self.data = DataPlane(self.shared, self.sandboxes, self.monitor)
         self.processes = Processes(self.shared, self.sandboxes, self.data)
+        self.jobs = Jobs(self.shared, self.data)
         self.checkpoints = Checkpoints(self.shared, self.sandboxes)
         self.adoption = Adoption(self.shared, self.sandboxes)
         self.images = Images(self.shared)
@@ -72,6 +76,7 @@ class SandboxService:
         await anyio.to_thread.run_sync(self.adoption.reclaim)
         self.sandboxes.run(group)
         self.processes.run(group)
+        self.jobs.run(group)
         self.checkpoints.run(group)
         await self.data.run(group)
         group.start_soon(self.monitor.run, monitor_interval)

@@ -11,19 +11,19 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Literal
 
 import anyio
 from anyio.abc import ByteReceiveStream, TaskGroup
 
-from fleetctl.contract import ErrorType, SandboxStatus, job_files
+from fleetctl.contract import ErrorType, SandboxStatus
 from fleetctl.server import api
 from fleetctl.server.proxy import Forwarder
 from fleetctl.server.runtime.base import (
     ROOT,
+    CommandLost,
     ExecResult,
     FileMissing,
     FileRefused,
@@ -32,7 +32,14 @@ from fleetctl.server.runtime.base import (
 )
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.monitor import Monitor
-from fleetctl.server.service.state import NotFound, NotRunning, Refused, Shared, handle_of
+from fleetctl.server.service.state import (
+    Failed,
+    NotFound,
+    NotRunning,
+    Refused,
+    Shared,
+    handle_of,
+)
 from fleetctl.server.service.users import MAX_FILE, UnknownUser
 from fleetctl.server.service.users import resolve as resolve_user
 from fleetctl.server.store import ExposureRecord, SandboxRecord
@@ -136,14 +143,17 @@ class DataPlane:
         user = await self.user(sandbox_id, handle, request.user)
         env = {**self.shared.env.get(sandbox_id, {}), **request.env}
         with self.in_use(sandbox_id):
-            result = await self.shared.runtime.exec(
-                handle,
-                env,
-                request.command,
-                cwd=request.working_dir or workdir(self.lifecycle.get(sandbox_id)),
-                timeout=request.timeout,
-                user=user,
-            )
+            try:
+                result = await self.shared.runtime.exec(
+                    handle,
+                    env,
+                    request.command,
+                    cwd=request.working_dir or workdir(self.lifecycle.get(sandbox_id)),
+                    timeout=request.timeout,
+                    user=user,
+                )
+            except CommandLost as exc:
+                raise Failed(str(exc)) from None
         if await self.settle(sandbox_id):
             raise NotRunning(self.lifecycle.get(sandbox_id))
         return result
@@ -177,51 +187,6 @@ class DataPlane:
         if record.status != SandboxStatus.RUNNING or handle is None:  # the monitor was first
             return record.error_type == ErrorType.OOM_KILLED
         return await self.monitor.check(record, handle, oom_only=True)
-
-    async def job_statuses(self, jobs: Sequence[api.JobRef]) -> api.BatchJobStatusResponse:
-        """Background jobs' states from their exit files, one read per sandbox."""
-        statuses: list[api.JobStatusItem] = []
-        errors: list[api.JobError] = []
-        by_sandbox: dict[str, list[str]] = {}
-        for job in jobs:
-            by_sandbox.setdefault(job.sandbox_id, []).append(job.job_id)
-
-        async def one(sandbox_id: str, ids: list[str]) -> None:
-            try:
-                handle = await self.live(sandbox_id)
-                exits = await self._exit_codes(handle, ids)
-            except (NotFound, NotRunning) as exc:
-                code: Literal["NOT_FOUND", "NOT_RUNNING"] = (
-                    "NOT_FOUND" if isinstance(exc, NotFound) else "NOT_RUNNING"
-                )
-                errors.extend(api.JobError(sandbox_id=sandbox_id, job_id=i, code=code,
-                                           message=str(exc)) for i in ids)  # fmt: skip
-                return
-            statuses.extend(
-                api.JobStatusItem(sandbox_id=sandbox_id, job_id=i, completed=exits.get(i)
-                                  is not None, exit_code=exits.get(i))
-                for i in ids
-            )  # fmt: skip
-
-        async with anyio.create_task_group() as group:
-            for sandbox_id, ids in by_sandbox.items():
-                group.start_soon(one, sandbox_id, list(dict.fromkeys(ids)))
-        return api.BatchJobStatusResponse(statuses=statuses, errors=errors)
-
-    async def _exit_codes(self, handle: Handle, job_ids: list[str]) -> dict[str, int]:
-        """The recorded exit code of each job that finished (ids are checked by the API
-        model: letters, digits, - and _)."""
-        script = "".join(
-            f'printf "%s %s\\n" {i} "$(head -c 32 {job_files(i).exit} 2>/dev/null)"; '
-            for i in job_ids
-        )
-        result = await self.shared.runtime.exec(handle, {}, script, cwd="/", timeout=30)
-        codes: dict[str, int] = {}
-        for line in result.stdout.decode("utf-8", "replace").splitlines():
-            job_id, _, text = line.partition(" ")
-            if job_id in job_ids and text.strip().lstrip("-").isdigit():
-                codes[job_id] = int(text.strip())
-        return codes
 
     async def upload(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> int:
         """Stream `chunks` into the file `path` (parents created); returns the size written."""

@@ -33,6 +33,11 @@ class Refused(Exception):
     """A request this host cannot honour, or that conflicts with current state."""
 
 
+class Failed(Exception):
+    """A command the sandbox's runtime took and lost (its exec helper died under it): a
+    500 that says so, never retried by clients (the command may have run)."""
+
+
 class Busy(Exception):
     """In use: a checkpoint (pending, restored by a live sandbox, or a parent), an image
     (run by live sandboxes), a store being written."""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -105,3 +106,12 @@ def exit_code(status: Path) -> int | None:
         if "exit-code" in event:
             return int(event["exit-code"])
     return None
+
+
+def abandon(child: subprocess.Popen[bytes] | None, cgroup: Cgroup | None) -> None:
+    """Undo a start cut short: its bwrap killed, its cgroup removed."""
+    if child is not None:
+        child.kill()
+        child.wait()
+    if cgroup is not None:
+        until(cgroup.remove)

@@ -23,9 +23,13 @@ import ctypes
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from subprocess import Popen
+from typing import Any
 
 from fleetctl.server.runtime.base import ID_RANGE
+from fleetctl.server.runtime.bwrap.handle import kill_pid
 
 # syscall numbers (x86_64 and aarch64 share these, from the generic table)
 SYS_OPEN_TREE = 428
@@ -133,3 +137,25 @@ def mounts_under(top: Path) -> list[Path]:
         if point == prefix or point.startswith(prefix + "/"):
             found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def unblock(
+    info: dict[str, Any],
+    uid: int,
+    child: Popen[bytes],
+    block_w: int,
+    nsenter: str,
+    log: Callable[[str], None],
+) -> None:
+    """Map the ids of the sandbox bwrap made (`info`: empty when bwrap ended), then let
+    it go on (it waits on the other end of `block_w`); on failure, kill it first."""
+    try:
+        if info:
+            map_sandbox_ids(int(info["child-pid"]), uid, nsenter)
+            os.write(block_w, b"1")
+    except (OSError, ValueError, subprocess.CalledProcessError) as exc:
+        log(f"[fleetctl] cannot map the sandbox's ids: {exc}\n")
+        kill_pid(int(info["child-pid"]))  # before it is unblocked, unmapped
+        child.kill()
+    finally:
+        os.close(block_w)

@@ -95,7 +95,7 @@ class Entry:
         # fewer than `sh -c`)
         script = f'{LOAD_ENV}; cd -- "$1" || exit 1; shift; eval "$1"'
         async with self.enter(script, cwd, command, user=user) as process:
-            out, err = bytearray(), bytearray()
+            out, err = Capture(), Capture()
             with anyio.move_on_after(timeout) as scope:
                 async with anyio.create_task_group() as group:
                     assert process.stdout is not None
@@ -108,8 +108,8 @@ class Entry:
                 await process.wait()
             if scope.cancelled_caught:
                 kill_group(process.pid)
-                return ExecResult(-1, bytes(out), bytes(err), timed_out=True)
-            return ExecResult(process.returncode or 0, bytes(out), bytes(err))
+                return out.result(err, -1, timed_out=True)
+            return out.result(err, process.returncode or 0)
 
     @asynccontextmanager
     async def spawn(
@@ -262,10 +262,26 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def _collect(stream: Any, into: bytearray) -> None:
+class Capture(bytearray):
+    """A command's output stream, up to MAX_CAPTURE bytes (what comes after is dropped,
+    and said)."""
+
+    truncated = False
+
+    def take(self, chunk: bytes) -> None:
+        room = MAX_CAPTURE - len(self)
+        self.truncated = self.truncated or len(chunk) > room
+        self.extend(chunk[:room])
+
+    def result(self, stderr: Capture, code: int, *, timed_out: bool = False) -> ExecResult:
+        """The command's result, this being its stdout."""
+        cut = {"stdout_truncated": self.truncated, "stderr_truncated": stderr.truncated}
+        return ExecResult(code, bytes(self), bytes(stderr), timed_out=timed_out, **cut)
+
+
+async def _collect(stream: Any, into: Capture) -> None:
     async for chunk in stream:
-        if len(into) < MAX_CAPTURE:
-            into += chunk[: MAX_CAPTURE - len(into)]
+        into.take(chunk)
 
 
 def _first_line(data: bytes) -> str:

@@ -15,6 +15,7 @@ handle kept in the database. Commands and files go in through `inside.Entry`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,7 +26,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from anyio.abc import ByteReceiveStream
 
@@ -47,6 +47,7 @@ from fleetctl.server.runtime.bwrap.cgroups import Cgroup
 from fleetctl.server.runtime.bwrap.handle import (
     NEVER,
     SandboxHandle,
+    abandon,
     exit_code,
     kill_pid,
     send_signal,
@@ -55,7 +56,7 @@ from fleetctl.server.runtime.bwrap.handle import (
     until,
 )
 from fleetctl.server.runtime.bwrap.host import HostReport
-from fleetctl.server.runtime.bwrap.idmap import map_sandbox_ids, mounts_under, unmount
+from fleetctl.server.runtime.bwrap.idmap import mounts_under, unblock, unmount
 from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Entry, in_cgroup, sandbox_env
 from fleetctl.server.runtime.bwrap.layout import (
     bwrap_args,
@@ -72,6 +73,7 @@ from fleetctl.server.runtime.bwrap.layout import (
 )
 from fleetctl.server.runtime.bwrap.netns import connect_in_netns
 from fleetctl.server.runtime.bwrap.network import Networks, SandboxNet
+from fleetctl.server.runtime.bwrap.warm import Unavailable, WarmPath
 
 #: Host ids for sandboxes start here; each sandbox gets ID_RANGE of its own (by its seq),
 #: above the single uids (1e9 to 1.1e9) of sandboxes started by older servers.
@@ -106,6 +108,7 @@ class BwrapRuntime:
         self.bwrap = install_bwrap(data_dir, host.bwrap)
         self.tools = install_tools(data_dir, self.host_tool("setpriv"))
         self._children: dict[str, Child] = {}
+        self.warm = WarmPath()
         self._stripes = [threading.Lock() for _ in range(64)]  # start/stop, by sandbox id
         self.networks = networks
 
@@ -214,7 +217,7 @@ class BwrapRuntime:
         except BaseException:
             for fd in (info_r, ready_r, block_w):
                 os.close(fd)
-            self._abandon(child, cgroup)
+            abandon(child, cgroup)
             raise
         finally:
             for fd in (info_w, ready_w, status, args_r, block_r):
@@ -222,10 +225,11 @@ class BwrapRuntime:
             log.close()
         with os.fdopen(info_r, "rb") as info_file, os.fdopen(ready_r, "rb") as ready_file:
             info = read_info(info_file)
-            self._unblock(spec.id, info, uid, child, block_w)
+            unblock(info, uid, child, block_w, self.host_tool("nsenter"),
+                    lambda text: self.append_log(spec.id, text))  # fmt: skip
             ready = ready_file.read(1)
         if ready != b"R":
-            self._abandon(child, cgroup)
+            abandon(child, cgroup)
             raise RuntimeFailure(f"sandbox failed to start: {self.logs(spec.id, 400)}")
         init_pid = int(info["child-pid"])
         self._children[spec.id] = child
@@ -260,31 +264,6 @@ class BwrapRuntime:
     @property
     def filters_egress(self) -> bool:
         return self.networks is not None
-
-    def _unblock(
-        self, sandbox_id: str, info: dict[str, Any], uid: int, child: Child, block_w: int
-    ) -> None:
-        """Map the ids of the sandbox bwrap made (`info`: empty when bwrap ended), then let
-        it go on (it waits on the other end of `block_w`); on failure, kill it first."""
-        try:
-            if info:
-                map_sandbox_ids(int(info["child-pid"]), uid, self.host_tool("nsenter"))
-                os.write(block_w, b"1")
-        except (OSError, ValueError, subprocess.CalledProcessError) as exc:
-            self.append_log(sandbox_id, f"[fleetctl] cannot map the sandbox's ids: {exc}\n")
-            kill_pid(int(info["child-pid"]))  # before it is unblocked, unmapped
-            child.kill()
-        finally:
-            os.close(block_w)
-
-    @staticmethod
-    def _abandon(child: Child | None, cgroup: Cgroup | None) -> None:
-        """Undo a start cut short: its bwrap killed, its cgroup removed."""
-        if child is not None:
-            child.kill()
-            child.wait()
-        if cgroup is not None:
-            until(cgroup.remove)
 
     def usage(self, handle: Handle) -> Usage:
         found = SandboxHandle.from_json(handle)
@@ -358,6 +337,7 @@ class BwrapRuntime:
             self._stop(sandbox_id, handle)
 
     def _stop(self, sandbox_id: str, handle: Handle | None) -> None:
+        self.warm.drop(sandbox_id)
         found = SandboxHandle.from_json(handle) if handle else None
         if found is not None:
             self._kill(found)
@@ -414,7 +394,26 @@ class BwrapRuntime:
         timeout: float,
         user: User = ROOT,
     ) -> ExecResult:
+        found = SandboxHandle.from_json(handle)
+        with contextlib.suppress(Unavailable):  # then the cold path: it was never started
+            sandbox = (found.id, found.init_pid, found.cgroup)
+            return await self.warm.exec(sandbox, env, command, cwd=cwd, timeout=timeout, user=user)
         return await self._entry(handle).exec(env, command, cwd=cwd, timeout=timeout, user=user)
+
+    async def run_job(
+        self, handle: Handle, env: Mapping[str, str], command: str, *, cwd: str, user: User
+    ) -> int:
+        """Through the sandbox's exec helper (waited for), which can leave it running: on
+        the cold path (no helper to be had), a server that stops kills it."""
+        found = SandboxHandle.from_json(handle)
+        sandbox, forever = (found.id, found.init_pid, found.cgroup), float("inf")
+        if await self.warm.ready(sandbox):
+            with contextlib.suppress(Unavailable):
+                done = await self.warm.exec(sandbox, env, command, cwd=cwd, timeout=forever,
+                                            user=user, detached=True)  # fmt: skip
+                return done.exit_code
+        done = await self._entry(handle).exec(env, command, cwd=cwd, timeout=forever, user=user)
+        return done.exit_code
 
     @asynccontextmanager
     async def spawn(

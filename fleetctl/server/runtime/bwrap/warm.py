@@ -1,0 +1,266 @@
+"""Warm exec: commands started by a helper that joined the sandbox once (helper.py).
+
+The cold path costs, per command, a shell that joins the cgroup, nsenter, setpriv and a
+shell that loads the environment. Here a sandbox's first command starts its helper (the
+server's own Python, standard library only: nothing the image ships is needed) and goes
+down the cold path while the helper joins; every command after is one message on a
+socket only the server holds and one vfork and exec of `/bin/sh -c` in the helper. The
+command's stdin, stdout and stderr are the server's own pipes, passed over with the
+request: output never goes through the helper, and what the helper says back (a pid,
+an exit code) is checked before use.
+
+A helper that cannot start, dies or answers nonsense costs only its own sandbox's
+command: one the helper never started goes down the cold path (`Unavailable`), one it
+lost while running is killed and reported (`CommandLost`). A helper ends with its
+sandbox, when the server closes its socket (a server restart: the next command starts
+another), or after `helper.IDLE_S` without work, so an idle sandbox pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import anyio
+
+from fleetctl.server.runtime.base import CommandLost, ExecResult, User
+from fleetctl.server.runtime.bwrap import helper
+from fleetctl.server.runtime.bwrap.cgroups import Cgroup
+from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Capture, sandbox_env
+from fleetctl.server.runtime.bwrap.layout import CONTAINER_CAPS
+
+#: Capability numbers (linux/capability.h) of what a container's root keeps.
+CAP_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+               "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_RAW": 13,
+               "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}  # fmt: skip
+KEEP_CAPS = ",".join(str(CAP_NUMBERS[name]) for name in CONTAINER_CAPS)
+#: How long a helper may take to join its sandbox, and how long one that could not
+#: waits before another is tried (its sandbox's commands go down the cold path).
+READY_S = 5.0
+RETRY_S = 30.0
+#: The most a helper's answer may hold.
+MAX_ANSWER = 4096
+#: Runs the command in its directory, as the cold path's shell does.
+SCRIPT = 'cd -- "$1" || exit 1; shift; eval "$1"'
+
+
+class Unavailable(Exception):
+    """The command was never started: run it down the cold path."""
+
+
+@dataclass
+class Helper:
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    pidns: str  # the sandbox's pid namespace, which every pid it reports must be in
+    since: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+    def usable(self) -> bool:
+        """True once it said it joined (read without waiting), and while it lives."""
+        if not self.ready and self.process.poll() is None:
+            with contextlib.suppress(BlockingIOError):
+                self.ready = self.control.recv(MAX_ANSWER) == b"ready"
+        return self.ready and self.process.poll() is None
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        self.control.close()
+
+
+@dataclass
+class WarmPath:
+    """The helpers of a runtime's sandboxes, by sandbox id."""
+
+    helpers: dict[str, Helper] = field(default_factory=dict)
+
+    async def exec(
+        self,
+        sandbox: tuple[str, int, Cgroup | None],
+        env: Mapping[str, str],
+        command: str,
+        *,
+        cwd: str,
+        timeout: float,
+        user: User,
+        detached: bool = False,
+    ) -> ExecResult:
+        """Run `command` as the cold path would; `Unavailable` when it was not started.
+        `detached`: cancelled, the command is left running (not killed)."""
+        argv = ["sh", "-c", SCRIPT, "sh", cwd, command]
+        try:
+            request = helper.encode(user.uid, user.gid, list(user.groups), argv,
+                                    sandbox_env(env, user))  # fmt: skip
+        except ValueError:
+            raise Unavailable("a NUL in the request") from None
+        if len(request) > helper.MAX_REQUEST:
+            raise Unavailable("the request is larger than a helper takes")
+        found = self._helper(*sandbox)
+        try:
+            return await _run(found, request, timeout, detached)
+        except Unavailable:
+            if found.process.poll() is not None:
+                self.drop(sandbox[0])
+            raise
+
+    def drop(self, sandbox_id: str) -> None:
+        """End the sandbox's helper (its commands run on: they are the sandbox's)."""
+        found = self.helpers.pop(sandbox_id, None)
+        if found is not None:
+            found.close()
+
+    def _helper(self, sandbox_id: str, init_pid: int, cgroup: Cgroup | None) -> Helper:
+        """The sandbox's helper, ready; else `Unavailable`, with one started meanwhile
+        (unless one failed to join less than RETRY_S ago)."""
+        found = self.helpers.get(sandbox_id)
+        if found is not None and found.usable():
+            return found
+        ended = found is not None and found.process.poll() is not None
+        if found is None or (ended and (found.ready or time.monotonic() - found.since > RETRY_S)):
+            self.drop(sandbox_id)
+            self.helpers[sandbox_id] = _start(init_pid, cgroup)
+        elif not found.ready and time.monotonic() - found.since > READY_S:
+            found.close()  # it never joined: tried again after RETRY_S
+        raise Unavailable("the sandbox's exec helper is not ready")
+
+    async def ready(self, sandbox: tuple[str, int, Cgroup | None]) -> bool:
+        """Wait (up to READY_S) for the sandbox's helper; False when it cannot be had."""
+        with anyio.move_on_after(READY_S):
+            while True:
+                with contextlib.suppress(Unavailable):
+                    self._helper(*sandbox)
+                    return True
+                found = self.helpers.get(sandbox[0])
+                if found is None or found.process.poll() is not None:
+                    return False
+                await anyio.sleep(0.01)  # it joins (tens of milliseconds)
+        return False
+
+
+def _start(init_pid: int, cgroup: Cgroup | None) -> Helper:
+    control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pidns = os.readlink(f"/proc/{init_pid}/ns/pid")
+        argv = [sys.executable, "-I", "-S", helper.__file__, str(theirs.fileno()),
+                str(init_pid), KEEP_CAPS, str(helper.IDLE_S),
+                *(cgroup.procs_files if cgroup else ())]  # fmt: skip
+        process = subprocess.Popen(argv, env=HOST_ENV, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   pass_fds=(theirs.fileno(),), start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        control.close()
+        raise Unavailable(f"cannot start the exec helper: {exc}") from None
+    finally:
+        theirs.close()
+    control.setblocking(False)
+    return Helper(process, control, pidns)
+
+
+async def _run(found: Helper, request: bytes, timeout: float, detached: bool) -> ExecResult:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        socket.send_fds(found.control, [request], [stdin, out_w, err_w, theirs.fileno()])
+    except OSError:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        mine.close()
+        raise Unavailable("the exec helper is gone") from None
+    finally:
+        for fd in (stdin, out_w, err_w):
+            os.close(fd)
+        theirs.close()
+    mine.setblocking(False)
+    pid = 0
+    out, err = Capture(), Capture()
+    try:
+        with anyio.move_on_after(timeout):
+            pid = _pid(await _answer(mine), found.pidns)
+            lost: CommandLost | None = None
+            async with anyio.create_task_group() as group:
+                group.start_soon(_drain, out_r, out)
+                group.start_soon(_drain, err_r, err)
+                try:
+                    said = await _answer(mine, lost=True)
+                except CommandLost as exc:  # raised here, not as a group of one
+                    lost = exc
+                    group.cancel_scope.cancel()
+            if lost is not None:
+                raise lost
+            kind, code = said
+            if kind != "code" or not _integer(code):
+                raise CommandLost("the exec helper gave no exit code")
+            pid = 0
+            return out.result(err, int(code))
+        return out.result(err, -1, timed_out=True)
+    except anyio.get_cancelled_exc_class():
+        if detached:
+            pid = 0
+        raise
+    finally:
+        if pid:  # timed out or cancelled: its process group goes, as on the cold path
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        for fd in (out_r, err_r):
+            os.close(fd)
+        mine.close()
+
+
+def _pid(said: tuple[str, str], pidns: str) -> int:
+    """The command's host pid from the helper's answer, if it is one of its sandbox's."""
+    kind, value = said
+    if kind != "pid" or not value.isdigit() or int(value) <= 1:
+        raise Unavailable(f"the exec helper did not start the command: {kind} {value}"[:300])
+    try:
+        if os.readlink(f"/proc/{value}/ns/pid") == pidns:
+            return int(value)
+    except OSError:
+        return 0  # it already ended (and was reaped): nothing of it is left to kill
+    raise CommandLost("the exec helper named a process outside its sandbox")
+
+
+def _integer(text: str) -> bool:
+    return text.removeprefix("-").isdigit()
+
+
+async def _answer(sock: socket.socket, *, lost: bool = False) -> tuple[str, str]:
+    """The helper's next answer on `sock`, as (kind, value). Its end (nothing said):
+    `Unavailable`, or with `lost` (the command was started) `CommandLost`."""
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            data = sock.recv(MAX_ANSWER)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            if lost:
+                raise CommandLost("the sandbox's exec helper ended before the command")
+            raise Unavailable("the exec helper ended")
+        kind, _, value = data.decode("ascii", "replace").partition(" ")
+        return kind, value
+
+
+async def _drain(fd: int, into: Capture) -> None:
+    os.set_blocking(fd, False)
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return
+        into.take(chunk)
