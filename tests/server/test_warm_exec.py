@@ -193,3 +193,16 @@ def test_a_helper_with_nothing_to_do_goes_and_one_with_a_command_stays(
             process.kill()
             process.wait()
         mine.close()
+
+
+def test_a_warm_command_past_its_timeout_is_killed_with_its_group_by_the_helper(
+    server: Server, running: Running
+) -> None:
+    _, gw = running()
+    helper_of(server, gw)
+    response = gw.exec("sleep 300 & sleep 300; echo never", timeout=1)
+    assert response.status_code == 408
+    deadline = time.monotonic() + 10
+    while "sleep 300" in gw.exec("cat /proc/[0-9]*/cmdline | tr '\\0' ' '").json()["stdout"]:
+        assert time.monotonic() < deadline, "the command's group outlived its timeout"
+        time.sleep(0.02)

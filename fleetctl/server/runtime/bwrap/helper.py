@@ -16,8 +16,9 @@ command's stdin, stdout and stderr, and a reply socket. The command starts in a 
 of its own (in the sandbox's pid namespace) as the given ids: a root command by
 posix_spawn (vfork), another user's by a fork that switches ids, a millisecond more.
 The reply socket gets `pid N` (the command's host pid) and later `code C` (its exit
-code, -signal when killed), or `error WHY`. Output never passes through here: the
-server reads the command's pipes itself.
+code, -signal when killed), or `error WHY`; the server closing it kills the command
+(see `serve`). Output never passes through here: the server reads the command's pipes
+itself.
 """
 
 from __future__ import annotations
@@ -120,16 +121,28 @@ def reply(sock: socket.socket, message: str) -> None:
 
 
 def serve(control: socket.socket, idle_s: float) -> None:
-    """Every descriptor here is close-on-exec: a command gets only its own three."""
+    """Every descriptor here is close-on-exec: a command gets only its own three. The
+    server hanging up a command's reply socket (a timeout, a cancelled request) kills
+    the command's process group here, before it is reaped (so never a reused pid's),
+    unless it said `detach` first (a job left running)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     running: dict[int, socket.socket] = {}
+    watched: dict[int, int] = {}  # reply socket fd -> pid of its command
     while True:
-        readable, _, _ = select.select([control.fileno(), wake_r], [], [], idle_s)
+        listen = [control.fileno(), wake_r, *watched]
+        readable, _, _ = select.select(listen, [], [], idle_s)
         if not readable and not running:
             return
+        for fd in [f for f in readable if f in watched]:
+            pid = watched.pop(fd)
+            with contextlib.suppress(OSError):
+                if running[pid].recv(16) == b"detach":
+                    continue
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
         if wake_r in readable:
             os.read(wake_r, 4096)
             while running:
@@ -138,26 +151,37 @@ def serve(control: socket.socket, idle_s: float) -> None:
                     break
                 if pid in running:
                     answer = running.pop(pid)
+                    watched.pop(answer.fileno(), None)
                     reply(answer, f"code {os.waitstatus_to_exitcode(status)}")
                     answer.close()
-        if control.fileno() in readable:
-            data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 4)
-            if not data:
-                return  # the server is gone; commands still running keep running
-            for fd in fds:
-                os.set_inheritable(fd, False)
-            if len(fds) == 4:
-                answer = socket.socket(fileno=fds[3])
-                try:
-                    pid = start(Request(data), fds)
-                except (ValueError, OSError) as exc:
-                    reply(answer, f"error {exc}")
-                    answer.close()
-                else:
-                    running[pid] = answer
-                    reply(answer, f"pid {pid}")
-            for fd in fds[:3] if len(fds) == 4 else fds:
-                os.close(fd)
+        if control.fileno() in readable and not handle(control, running, watched):
+            return  # the server is gone; commands still running keep running
+
+
+def handle(
+    control: socket.socket, running: dict[int, socket.socket], watched: dict[int, int]
+) -> bool:
+    """Start the request waiting on `control`; False when the server closed it."""
+    data, fds, _, _ = socket.recv_fds(control, MAX_REQUEST, 4)
+    if not data:
+        return False
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if len(fds) == 4:
+        answer = socket.socket(fileno=fds[3])
+        answer.setblocking(False)
+        try:
+            pid = start(Request(data), fds)
+        except (ValueError, OSError) as exc:
+            reply(answer, f"error {exc}")
+            answer.close()
+        else:
+            running[pid] = answer
+            watched[answer.fileno()] = pid
+            reply(answer, f"pid {pid}")
+    for fd in fds[:3] if len(fds) == 4 else fds:
+        os.close(fd)
+    return True
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ down the cold path while the helper joins; every command after is one message on
 socket only the server holds and one vfork and exec of `/bin/sh -c` in the helper. The
 command's stdin, stdout and stderr are the server's own pipes, passed over with the
 request: output never goes through the helper, and what the helper says back (a pid,
-an exit code) is checked before use.
+an exit code) is checked before use; the helper, the command's parent, kills it when
+the server hangs up on it (a timeout, a cancelled request), so never a reused pid.
 
 A helper that cannot start, dies or answers nonsense costs only its own sandbox's
 command: one the helper never started goes down the cold path (`Unavailable`), one it
@@ -108,7 +109,7 @@ class WarmPath:
         try:
             return await _run(found, request, timeout, detached)
         except Unavailable:
-            if found.process.poll() is not None:
+            if found.process.poll() is not None and self.helpers.get(sandbox[0]) is found:
                 self.drop(sandbox[0])
             raise
 
@@ -182,11 +183,14 @@ async def _run(found: Helper, request: bytes, timeout: float, detached: bool) ->
             os.close(fd)
         theirs.close()
     mine.setblocking(False)
-    pid = 0
     out, err = Capture(), Capture()
     try:
         with anyio.move_on_after(timeout):
-            pid = _pid(await _answer(mine), found.pidns)
+            # the helper's end from here on: the command may have started (never rerun)
+            kind, value = await _answer(mine, lost=True)
+            if kind == "error":  # it could not start it (e.g. no /bin/sh)
+                raise Unavailable(f"the exec helper did not start the command: {value}"[:300])
+            pid = int(value) if kind == "pid" and value.isdigit() else 0
             lost: CommandLost | None = None
             async with anyio.create_task_group() as group:
                 group.start_soon(_drain, out_r, out)
@@ -196,38 +200,33 @@ async def _run(found: Helper, request: bytes, timeout: float, detached: bool) ->
                 except CommandLost as exc:  # raised here, not as a group of one
                     lost = exc
                     group.cancel_scope.cancel()
-            if lost is not None:
+            if lost is not None:  # the helper died: its command goes here
+                _kill_orphan(pid, found.pidns)
                 raise lost
             kind, code = said
             if kind != "code" or not _integer(code):
                 raise CommandLost("the exec helper gave no exit code")
-            pid = 0
             return out.result(err, int(code))
         return out.result(err, -1, timed_out=True)
     except anyio.get_cancelled_exc_class():
-        if detached:
-            pid = 0
+        if detached:  # the helper leaves it running when it closes its socket
+            with contextlib.suppress(OSError):
+                mine.send(b"detach")
         raise
     finally:
-        if pid:  # timed out or cancelled: its process group goes, as on the cold path
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+        # its socket closed: the helper kills the command's process group if it still
+        # runs (a timeout, a cancelled request), before reaping it
         for fd in (out_r, err_r):
             os.close(fd)
         mine.close()
 
 
-def _pid(said: tuple[str, str], pidns: str) -> int:
-    """The command's host pid from the helper's answer, if it is one of its sandbox's."""
-    kind, value = said
-    if kind != "pid" or not value.isdigit() or int(value) <= 1:
-        raise Unavailable(f"the exec helper did not start the command: {kind} {value}"[:300])
-    try:
-        if os.readlink(f"/proc/{value}/ns/pid") == pidns:
-            return int(value)
-    except OSError:
-        return 0  # it already ended (and was reaped): nothing of it is left to kill
-    raise CommandLost("the exec helper named a process outside its sandbox")
+def _kill_orphan(pid: int, pidns: str) -> None:
+    """Kill the process group of a command whose helper died, if `pid` is still a process
+    of the sandbox (once reaped, it could be anyone's)."""
+    with contextlib.suppress(OSError):
+        if pid > 1 and os.readlink(f"/proc/{pid}/ns/pid") == pidns:
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _integer(text: str) -> bool:
