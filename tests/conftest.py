@@ -37,6 +37,7 @@ from fleetctl.cli import main
 from fleetctl.sandboxes import APIClient, SandboxClient
 from fleetctl.server.asgi import key_id
 from fleetctl.server.runtime.bwrap.host import probe
+from tests.network.fakenet import netns_names
 
 #: The official clients' suite runs in venvs of its own (tests/server/test_official_clients.py).
 collect_ignore = ["official"]
@@ -175,8 +176,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 def sandbox_namespaces() -> set[str]:
     """The network namespaces of sandboxes on this host (any server's)."""
-    path = Path("/run/netns")
-    return {n for n in os.listdir(path) if n.startswith("fleetctl-")} if path.is_dir() else set()
+    return {n for n in netns_names() if n.startswith("fleetctl-")}
 
 
 def sandbox_rules() -> set[str]:

@@ -156,7 +156,9 @@ class ExposeRequest(_Request):
         return port
 
 
-class ExecRequest(_Request):
+class _Command(_Request):
+    """A shell command to run in a sandbox, in a directory, with extra environment."""
+
     command: str = Field(min_length=1)
     working_dir: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
@@ -166,6 +168,8 @@ class ExecRequest(_Request):
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
         return check_env(value) or {}
 
+
+class ExecRequest(_Command):
     timeout: int = Field(contract.DEFAULT_EXEC_TIMEOUT_S, ge=1, le=contract.MAX_EXEC_TIMEOUT_S)
     user: str | None = Field(
         None,
@@ -249,9 +253,13 @@ class BatchStatusResponse(BaseModel):
     errors: list[BatchError]
 
 
+#: A background job's id: a file name part inside the sandbox (`contract.job_files`).
+JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
 class JobRef(_Request):
     sandbox_id: str = Field(min_length=1)
-    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    job_id: str = Field(pattern=JOB_ID)
 
 
 class BatchJobStatus(_Request):
@@ -279,18 +287,10 @@ class BatchJobStatusResponse(BaseModel):
     errors: list[JobError]
 
 
-class StartJob(_Request):
+class StartJob(_Command):
     """`POST /sandbox/{id}/background-jobs`: run `command` detached, once for this id."""
 
-    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    command: str = Field(min_length=1)
-    working_dir: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_env(value) or {}
+    job_id: str = Field(pattern=JOB_ID)
 
 
 class JobStarted(BaseModel):

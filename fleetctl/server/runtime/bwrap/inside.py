@@ -41,6 +41,8 @@ BOUNDING_SET = "--bounding-set=-all," + ",".join(f"+{c.lower()}" for c in CONTAI
 #: The whole environment of every host-side process (shim, setpriv, bwrap, nsenter).
 HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 MAX_CAPTURE = 16 * 1024 * 1024
+#: Runs a command ("$2") in its directory ("$1"), the cold path and the warm alike.
+IN_DIR = 'cd -- "$1" || exit 1; shift; eval "$1"'
 #: Exit code of the transfer scripts for a file that does not exist.
 MISSING_FILE = 44
 #: File transfers resolve relative paths where exec runs by default.
@@ -93,7 +95,7 @@ class Entry:
         """Run `command` in `cwd` as `user`; past `timeout` its process group is killed."""
         # eval in the shell that loaded the environment and changed directory (one exec
         # fewer than `sh -c`)
-        script = f'{LOAD_ENV}; cd -- "$1" || exit 1; shift; eval "$1"'
+        script = f"{LOAD_ENV}; {IN_DIR}"
         async with self.enter(script, cwd, command, user=user) as process:
             out, err = Capture(), Capture()
             with anyio.move_on_after(timeout) as scope:

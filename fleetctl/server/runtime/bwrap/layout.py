@@ -44,10 +44,12 @@ TOOLS_MOUNT = "/.fleetctl"
 #: What root inside a sandbox may do, as in a container (Docker's default set): switch to
 #: its other users, own and read its own files whoever they belong to. Capabilities of the
 #: sandbox's user namespace, so only over its own ids, files and processes; never
-#: CAP_SYS_ADMIN (mounts), CAP_SYS_PTRACE or a capability over the host.
-CONTAINER_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-                  "SETPCAP", "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "MKNOD",
-                  "AUDIT_WRITE", "SETFCAP")  # fmt: skip
+#: CAP_SYS_ADMIN (mounts), CAP_SYS_PTRACE or a capability over the host. Names and their
+#: numbers (linux/capability.h).
+CONTAINER_CAPS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+                  "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10,
+                  "NET_RAW": 13, "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29,
+                  "SETFCAP": 31}  # fmt: skip
 #: Created in the upper layer, owned by the sandbox, so that root inside can
 #: install into them (e.g. `pip install`) although the host's copies are root's.
 WRITABLE_DIRS = (

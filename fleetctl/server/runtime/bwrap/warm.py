@@ -34,22 +34,16 @@ import anyio
 from fleetctl.server.runtime.base import CommandLost, ExecResult, User
 from fleetctl.server.runtime.bwrap import helper
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
-from fleetctl.server.runtime.bwrap.inside import HOST_ENV, Capture, sandbox_env
+from fleetctl.server.runtime.bwrap.inside import HOST_ENV, IN_DIR, Capture, sandbox_env
 from fleetctl.server.runtime.bwrap.layout import CONTAINER_CAPS
 
-#: Capability numbers (linux/capability.h) of what a container's root keeps.
-CAP_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5,
-               "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_RAW": 13,
-               "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}  # fmt: skip
-KEEP_CAPS = ",".join(str(CAP_NUMBERS[name]) for name in CONTAINER_CAPS)
+KEEP_CAPS = ",".join(map(str, CONTAINER_CAPS.values()))
 #: How long a helper may take to join its sandbox, and how long one that could not
 #: waits before another is tried (its sandbox's commands go down the cold path).
 READY_S = 5.0
 RETRY_S = 30.0
 #: The most a helper's answer may hold.
 MAX_ANSWER = 4096
-#: Runs the command in its directory, as the cold path's shell does.
-SCRIPT = 'cd -- "$1" || exit 1; shift; eval "$1"'
 
 
 class Unavailable(Exception):
@@ -97,7 +91,7 @@ class WarmPath:
     ) -> ExecResult:
         """Run `command` as the cold path would; `Unavailable` when it was not started.
         `detached`: cancelled, the command is left running (not killed)."""
-        argv = ["sh", "-c", SCRIPT, "sh", cwd, command]
+        argv = ["sh", "-c", IN_DIR, "sh", cwd, command]
         try:
             request = helper.encode(user.uid, user.gid, list(user.groups), argv,
                                     sandbox_env(env, user))  # fmt: skip
