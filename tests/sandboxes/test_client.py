@@ -771,6 +771,28 @@ async def test_a_create_whose_response_was_lost_after_the_work_is_not_duplicated
 
 
 @pytest.mark.anyio
+async def test_a_job_start_whose_response_was_lost_is_retried_and_runs_once(
+    connect: Connect, flavor: Flavor, lossy: Server, new: New
+) -> None:
+    """The server starts the job, then its answer is lost: the SDK sends the start again
+    (safe: the server starts a job id once), and every job ran exactly once."""
+    tap = Tap()
+    sdk = connect(flavor, lossy, transport=tap, retry=PATIENT)
+    sandbox = await started(sdk, new())
+    ids = [f"once-{i}" for i in range(12)]
+    jobs = [await sdk.start_background_job(sandbox.id, f"echo {i} >> /root/runs", job_id=i)
+            for i in ids]  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not all(s.completed for s in await sdk.get_background_job_statuses(jobs)):
+        assert time.monotonic() < deadline, "the jobs never completed"
+        await anyio.sleep(0.05)
+    runs = (await sdk.execute_command(sandbox.id, "sort /root/runs")).stdout.split()
+    assert runs == sorted(ids)
+    sent = [r for r in tap.requests if r.method == "POST" and r.url.path.endswith("-jobs")]
+    assert len(sent) > 12, "no start was retried: no response was lost"
+
+
+@pytest.mark.anyio
 async def test_creates_beyond_the_rate_limit_wait_for_retry_after_and_all_succeed(
     connect: Connect, flavor: Flavor, throttled: Server, new: New, label: str
 ) -> None:
