@@ -74,6 +74,8 @@ def serve(options: ServerOptions, *, announce: bool = True) -> None:
             info.unlink(missing_ok=True)
             store.close()
             puller.close()
+            if networks is not None:
+                networks.close()
 
 
 def _key_from(path: Path) -> str:

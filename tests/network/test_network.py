@@ -14,13 +14,14 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from fleetctl.sandboxes import APIClient, CreateSandboxRequest, SandboxClient
+from fleetctl.server.runtime.bwrap.network import SPARES
 from tests.conftest import (
     Server,
     own_server,
@@ -168,6 +169,7 @@ def test_hostname_entries_hold_against_dns_tricks(sdk: SandboxClient, hosts: Hos
 
 
 def test_a_crashed_server_s_networked_sandboxes_survive_and_nothing_leaks(hosts: Hosts) -> None:
+    others = spare_links()  # other servers' (the module's)
     with own_server("--sandbox-dns", hosts.internet) as (first, process):
         with SandboxClient(APIClient(api_key=first.token, base_url=first.url)) as sdk:
             image = "python:3.11-slim"
@@ -176,8 +178,10 @@ def test_a_crashed_server_s_networked_sandboxes_survive_and_nothing_leaks(hosts:
             sdk.bulk_wait_for_creation(ids)
         before = sandbox_namespaces()
         assert len(before) >= 20
+        until(lambda: len(spare_links() - others) == SPARES, "the server's spares are made")
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
+        until(lambda: spare_links() <= others, "a killed server's spares go with it")
         second, restarted = start_server(first.data_dir, "--sandbox-dns", hosts.internet)
         try:
             with SandboxClient(APIClient(api_key=second.token, base_url=second.url)) as sdk:
@@ -188,14 +192,29 @@ def test_a_crashed_server_s_networked_sandboxes_survive_and_nothing_leaks(hosts:
             stop_server(restarted)
     mine = {n for n in netns_names() if any(n.endswith(i) for i in ids)}
     assert mine == set()
-    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True,
-                           check=True).stdout  # fmt: skip
+    gone = {f"fcv{netns.split('-')[1]}" for netns in before - netns_names()}
+    assert len(gone) >= 20  # every one of this server's: gone with its link and rules
+    until(lambda: not gone & host_links() and spare_links() <= others, "links removed")
     chains = subprocess.run(["nft", "list", "map", "inet", "fleetctl_v1", "sandboxes"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-    for netns in before - netns_names():  # every one of this server's: gone with its link
-        slot = netns.split("-")[1]
-        assert f"fcv{slot}" not in links
-        assert f"fcv{slot}" not in chains
+    assert not {link for link in gone if link in chains}
+
+
+def host_links() -> set[str]:
+    """The host ends of sandbox links on this machine."""
+    return {name for _, name in socket.if_nameindex() if name.startswith("fcv")}
+
+
+def spare_links() -> set[str]:
+    """Host links of namespaces that have no name yet: servers' spares."""
+    return host_links() - {f"fcv{name.split('-')[1]}" for name in sandbox_namespaces()}
+
+
+def until(check: Callable[[], bool], what: str, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not so after {seconds} s: {what}"
+        time.sleep(0.05)
 
 
 def test_sandboxes_deleted_while_they_start_leave_no_namespace_or_rule(

@@ -36,7 +36,8 @@ async def service() -> AsyncIterator[tuple[SandboxService, FakeClock]]:
         data_dir = base / "data"
         data_dir.mkdir()
         store = Store(data_dir / "state.db")
-        runtime = BwrapRuntime(data_dir, probe(), Networks(host_resolvers()))
+        networks = Networks(host_resolvers())
+        runtime = BwrapRuntime(data_dir, probe(), networks)
         service = SandboxService(store, runtime, Settings(data_dir=data_dir, clock=clock))
         async with anyio.create_task_group() as group:
             await service.run(group, monitor_interval=3600)
@@ -46,6 +47,7 @@ async def service() -> AsyncIterator[tuple[SandboxService, FakeClock]]:
                 await service.shutdown()
                 group.cancel_scope.cancel()
         store.close()
+        networks.close()
         assert not list((data_dir / "sandboxes").iterdir())
 
 

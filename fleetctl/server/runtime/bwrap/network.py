@@ -11,10 +11,13 @@ sandbox's own chain (reached by a verdict map on its interface) holds that and i
 egress policy, and counts what it denies. The host still connects into a sandbox
 (exposures enter its namespace), and no process runs per sandbox.
 
-What a sandbox holds on the host is named in its meta dir first (`netns`), so a start
-cut short or a crashed server's sandbox is reclaimed by id. Taking a slot (servers share
-them, found from /run/netns) and making the table run under one host-wide lock; the rest
-of a setup, and a removal, run beside others (each sandbox's rules are its own).
+Each server keeps a few namespaces made ahead (spares: link, addresses and route in
+place, no name, held by a descriptor, so they go with the server however it exits); a
+start takes one, names it after the sandbox and adds its rules. What a sandbox holds on
+the host is named in its meta dir first (`netns`), so a start cut short or a crashed
+server's sandbox is reclaimed by id. Taking a slot (servers share them, found from
+/run/netns and the host's links) and making the table run under one host-wide lock; the
+rest of a setup, and a removal, run beside others (each sandbox's rules are its own).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -35,6 +39,14 @@ from fleetctl.egress import parse_entry
 from fleetctl.server.runtime.base import EgressPolicy, LaunchSpec, RuntimeFailure
 from fleetctl.server.runtime.bwrap.dns import Forwarder, NamePolicy
 from fleetctl.server.runtime.bwrap.host import SYSTEM_PATH
+from fleetctl.server.runtime.bwrap.netns import (
+    Spare,
+    Spares,
+    made_netns,
+    name_netns,
+    unname_netns,
+)
+from fleetctl.server.runtime.bwrap.nft import Nft, NftError
 
 NETNS_DIR = Path("/run/netns")
 LOCK = Path("/run/fleetctl-network.lock")
@@ -42,6 +54,7 @@ TABLE = "fleetctl_v1"
 PREFIX = "fcv"  # host ends: fcv + 4 hex digits (interface names stop at 15 characters)
 SUBNET = ipaddress.ip_network("10.200.0.0/16")
 SLOTS = SUBNET.num_addresses // 4
+SPARES = 4  # namespaces kept made ahead, per server
 #: Never reachable from a sandbox, whatever its egress policy says (224/3: multicast and
 #: the reserved 240/4).
 BLOCKED = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
@@ -108,11 +121,15 @@ class Networks:
 
     def __init__(self, resolvers: Sequence[str]) -> None:
         self.resolvers = tuple(resolvers)
-        self.ip, self.nft, self.nsenter = (shutil.which(tool, path=SYSTEM_PATH) or ""
-                                           for tool in ("ip", "nft", "nsenter"))  # fmt: skip
+        self.ip, self.nsenter = (shutil.which(tool, path=SYSTEM_PATH) or ""
+                                 for tool in ("ip", "nsenter"))  # fmt: skip
+        self.nft: Nft | None = None
+        with contextlib.suppress(OSError):
+            self.nft = Nft()
         self.problem = self._prepare()
         self._forwarder: Forwarder | None = None
         self._setups = futures.ThreadPoolExecutor(8, thread_name_prefix="netns")
+        self._spares = Spares(self._spare, SPARES) if self.problem is None else None
 
     def setup(self, meta: Path, spec: LaunchSpec) -> futures.Future[SandboxNet]:
         """`create` on a thread of its own: a third of a networked start, made meanwhile."""
@@ -122,42 +139,62 @@ class Networks:
         if os.geteuid() != 0:
             return "the server does not run as root"
         if not self.ip or not self.nft or not self.nsenter:
-            return "iproute2 (`ip`), nftables (`nft`) or util-linux (`nsenter`) is missing"
+            return "iproute2 (`ip`), nftables (libnftables) or util-linux (`nsenter`) is missing"
         try:
             with self._locked():
-                listed = self._run([self.nft, "list", "tables"], check=False)
-                if f"table inet {TABLE}\n" not in listed + "\n":
-                    self._run([self.nft, "-f", "-"], TABLE_RULES)
+                if f"table inet {TABLE}\n" not in self._nft("list tables", check=False) + "\n":
+                    self._nft(TABLE_RULES)
                 Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         except (OSError, RuntimeFailure) as exc:
             return f"cannot set up nftables and forwarding: {exc}"
         return None
 
     def create(self, meta: Path, seq: int, egress: EgressPolicy | None) -> SandboxNet:
-        """A namespace for the sandbox whose meta dir is `meta` (named there first). Only
-        taking a slot (its namespace and host link made) holds the host-wide lock: the
-        rest runs beside other sandboxes' setups."""
+        """A namespace for the sandbox whose meta dir is `meta`: a spare (made ahead, or now
+        if none is ready), named after the sandbox (recorded there first), and its rules."""
+        assert self._spares is not None
+        spare = self._spares.take(seq)
+        net = SandboxNet(f"fleetctl-{spare.slot:04x}-{meta.name}", spare.slot)
+        try:
+            _record(meta, net, egress)
+            name_netns(spare.fd, NETNS_DIR / net.netns)
+        except OSError as exc:
+            raise RuntimeFailure(str(exc)) from None
+        finally:
+            os.close(spare.fd)
+        self._apply(net, egress, had=None)
+        return net
+
+    def close(self) -> None:
+        """Drop the spare namespaces (the server is going away)."""
+        if self._spares is not None:
+            self._spares.close()
+        self._setups.shutdown(wait=True)
+
+    def _spare(self, seq: int) -> Spare:
+        """A namespace with its link to the host, addresses and default route, named nowhere
+        yet. Taking a slot (no namespace or host link has it; its link is made in the same
+        `ip` run) holds the host-wide lock; the host end's addresses are set beside others."""
         with self._locked():
             used = _used_slots()
             slot = next((s % SLOTS for s in range(seq, seq + SLOTS) if s % SLOTS not in used),
                         None)  # fmt: skip
             if slot is None:
                 raise RuntimeFailure(f"all {SLOTS} sandbox network slots of this host are used")
-            net = SandboxNet(f"fleetctl-{slot:04x}-{meta.name}", slot)
-            _record(meta, net, egress)
-            self._run([self.ip, "-batch", "-"], "\n".join([
-                f"netns add {net.netns}",
-                f"link add {net.link} type veth peer name eth0 netns {net.netns}",
-                f"addr add {net.address(1)}/30 dev {net.link}",
-                f"link set {net.link} up",
-            ]))  # fmt: skip
-        self._run([self.ip, "-n", net.netns, "-batch", "-"], "\n".join([
-            f"addr add {net.address(2)}/30 dev eth0",
-            "link set lo up", "link set eth0 up",
-            f"route add default via {net.address(1)}",
-        ]))  # fmt: skip
-        self._apply(net, egress, had=None)
-        return net
+            net = SandboxNet("", slot)
+            fd = made_netns(lambda: self._run([self.ip, "-batch", "-"], "\n".join([
+                f"link add eth0 type veth peer name {net.link} netns {os.getpid()}",
+                f"addr add {net.address(2)}/30 dev eth0",
+                "link set lo up", "link set eth0 up",
+                f"route add default via {net.address(1)}",
+            ])))  # fmt: skip
+        try:
+            host_end = f"addr add {net.address(1)}/30 dev {net.link}\nlink set {net.link} up"
+            self._run([self.ip, "-batch", "-"], host_end)
+        except RuntimeFailure:
+            os.close(fd)
+            raise
+        return Spare(slot, fd)
 
     def set_egress(self, meta: Path, egress: EgressPolicy | None) -> SandboxNet:
         """Replace a running sandbox's egress policy (its rules atomically)."""
@@ -180,8 +217,7 @@ class Networks:
         net = _recorded(meta)
         if net is None:
             return 0
-        listed = self._run([self.nft, "-j", "list", "chain", "inet", TABLE, net.chain],
-                           check=False)  # fmt: skip
+        listed = self._nft(f"list chain inet {TABLE} {net.chain}", json=True, check=False)
         with contextlib.suppress(ValueError):
             return sum(
                 int(expr["counter"]["packets"])
@@ -207,11 +243,11 @@ class Networks:
             if forwarded(_recorded_egress(meta)):
                 lines += optional
             try:  # what it should have, in one go
-                self._run([self.nft, "-f", "-"], "\n".join(lines) + "\n")
+                self._nft("\n".join(lines) + "\n")
             except RuntimeFailure:  # one at a time: some are missing (a start cut short)
                 for line in [*lines, *optional]:
-                    self._run([self.nft, "-f", "-"], line, check=False)
-            self._run([self.ip, "netns", "delete", net.netns], check=False)  # veth too
+                    self._nft(line, check=False)
+            unname_netns(NETNS_DIR / net.netns)  # then the kernel removes it, its link too
         if net is not None and self._forwarder is not None:
             self._forwarder.remove(net.link)
         (meta / "netns").unlink(missing_ok=True)
@@ -238,13 +274,13 @@ class Networks:
         the forwarder so far."""
         script = self._chain(net, egress, had=had)
         try:
-            self._run([self.nft, "-f", "-"], script)
+            self._nft(script)
         except RuntimeFailure:  # the table went (e.g. `nft flush ruleset`): made again
             with self._locked():
-                if f"table inet {TABLE}\n" in self._run([self.nft, "list", "tables"]) + "\n":
+                if f"table inet {TABLE}\n" in self._nft("list tables") + "\n":
                     raise
-                self._run([self.nft, "-f", "-"], TABLE_RULES)
-            self._run([self.nft, "-f", "-"], script)
+                self._nft(TABLE_RULES)
+            self._nft(script)
         if forwarded(egress):
             self._forward(net, egress)
         elif self._forwarder is not None:
@@ -262,8 +298,7 @@ class Networks:
 
     def _learn(self, name: str, addresses: list[str], seconds: int) -> None:
         elements = ", ".join(f"{address} timeout {seconds}s" for address in addresses)
-        self._run([self.nft, "-f", "-"], f"add element inet {TABLE} {name} {{ {elements} }}\n",
-                  check=False)  # fmt: skip
+        self._nft(f"add element inet {TABLE} {name} {{ {elements} }}\n", check=False)
 
     def _chain(self, net: SandboxNet, egress: EgressPolicy | None, *, had: bool | None) -> str:
         """The sandbox's chain (made or flushed), its rules, its verdict map entry, and its
@@ -311,15 +346,24 @@ class Networks:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _nft(self, script: str, *, json: bool = False, check: bool = True) -> str:
+        """What the script printed; when refused, RuntimeFailure (or "" without `check`)."""
+        assert self.nft is not None
+        try:
+            return self.nft.run(script, json=json)
+        except NftError as exc:
+            if check:
+                raise RuntimeFailure(f"nft failed: {exc}") from None
+            return ""
+
     @staticmethod
-    def _run(argv: Sequence[str], stdin: str = "", *, check: bool = True) -> str:
-        """The command's output; when it fails, RuntimeFailure (or "" without `check`)."""
+    def _run(argv: Sequence[str], stdin: str) -> None:
+        """Run an `ip` batch; when it fails, RuntimeFailure with what it said."""
         done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
                               env={"PATH": SYSTEM_PATH}, check=False)  # fmt: skip
-        if check and done.returncode != 0:
+        if done.returncode != 0:
             raise RuntimeFailure(f"{os.path.basename(argv[0])} failed: "
                                  f"{done.stderr.strip()[:400]}")  # fmt: skip
-        return done.stdout if done.returncode == 0 else ""
 
 
 def forwarded(egress: EgressPolicy | None) -> bool:
@@ -374,7 +418,8 @@ def _recorded(meta: Path) -> SandboxNet | None:
 
 
 def _used_slots() -> set[int]:
-    """Slots of every sandbox namespace on the host (all servers'): fleetctl-SLOT-ID."""
+    """Slots of every sandbox namespace on the host (all servers'), named fleetctl-SLOT-ID,
+    and of every host link fcvSLOT (spares have no name yet)."""
     used = set()
     with contextlib.suppress(OSError):
         for name in os.listdir(NETNS_DIR):
@@ -382,4 +427,8 @@ def _used_slots() -> set[int]:
             if len(parts) == 3 and parts[0] == "fleetctl":
                 with contextlib.suppress(ValueError):
                     used.add(int(parts[1], 16))
+    for _, link in socket.if_nameindex():
+        if link.startswith(PREFIX):
+            with contextlib.suppress(ValueError):
+                used.add(int(link[len(PREFIX) :], 16))
     return used
