@@ -235,8 +235,8 @@ async def start_job(service: Service, sandbox_id: str, body: api.StartJob) -> ap
 
 
 @router.get("/sandbox/{sandbox_id}/background-jobs", response_model=api.JobList)
-def list_jobs(service: Service, sandbox_id: str) -> api.JobList:
-    return service.jobs.of(sandbox_id)
+async def list_jobs(service: Service, sandbox_id: str) -> api.JobList:
+    return await service.jobs.of(sandbox_id)
 
 
 @router.get("/sandbox/{sandbox_id}/egress-policy", response_model=api.EgressPolicyStatus)

@@ -205,6 +205,11 @@ class Runtime(Protocol):
 
     def usage(self, handle: Handle) -> Usage: ...
 
+    def runs_with(self, handle: Handle, env_entry: str) -> bool:
+        """True while a process of the sandbox has `env_entry` (NAME=value) in its
+        environment (blocking)."""
+        ...
+
     def disk_usage(self, sandbox_id: str) -> int:
         """Bytes the sandbox wrote (blocking; may walk its files)."""
         ...

@@ -8,12 +8,17 @@ to its end on a task of the server and records its exit code. A job may wipe /tm
 /workspace or anything else it can write: its record stays. Its output goes to files
 in /tmp as a job started through exec does (`contract.job_files`), so clients read it
 the same way. Statuses come from the records, for a whole fleet in one call; a job the
-server has no record of (started through exec: older clients, the cloud's way), or
-whose runner went with a restart (the job runs on), is read from its exit file.
+server has no record of (started through exec: older clients, the cloud's way) is read
+from its exit file. A job whose runner went with a server (stopped or killed) is found
+again by the mark in its environment (`FLEETCTL_JOB_ID`, read from the host): while one
+of its processes runs, it runs; then its exit file, if it wrote one, gives its code, and
+that is recorded; with none, it is recorded as lost (exit code -1: it ended without one,
+e.g. killed with the server's cold path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -28,6 +33,10 @@ from fleetctl.server.service.dataplane import DataPlane, workdir
 from fleetctl.server.service.state import NotFound, NotRunning, Shared
 
 log = logging.getLogger("fleetctl.server")
+#: The environment variable that marks a job's processes (its id).
+MARK = "FLEETCTL_JOB_ID"
+#: The exit code recorded for a job that ended without one (its runner and it went).
+LOST = -1
 
 
 class Jobs:
@@ -47,19 +56,28 @@ class Jobs:
         started = self.shared.store.jobs.claim(sandbox_id, request.job_id)
         if started:
             assert self._group is not None, "Jobs.run was not called"
-            env = {**self.shared.env.get(sandbox_id, {}), **request.env}
+            env = {**self.shared.env.get(sandbox_id, {}), **request.env,
+                   MARK: request.job_id}  # fmt: skip
             cwd = request.working_dir or workdir(record)
             key = (sandbox_id, request.job_id)
             self.running.add(key)
             self._group.start_soon(self._run, key, handle, env, (wrapped(request), cwd, user))
         return api.JobStarted(sandbox_id=sandbox_id, job_id=request.job_id, started=started)
 
-    def of(self, sandbox_id: str) -> api.JobList:
+    async def of(self, sandbox_id: str) -> api.JobList:
+        """A sandbox's jobs (those this server started), in the order they started."""
         self.data.lifecycle.get(sandbox_id)  # NotFound
+        records = self.shared.store.jobs.of(sandbox_id)
+        exits = {r.job_id: r.exit_code for r in records if r.finished_at is not None}
+        with contextlib.suppress(NotRunning):  # a sandbox that ended: its records as they are
+            orphans = [r.job_id for r in records if r.job_id not in exits]
+            exits |= await self._exit_codes(sandbox_id, await self.data.live(sandbox_id),
+                                            orphans, recorded=set(orphans))  # fmt: skip
         return api.JobList(jobs=[
             api.JobStatusItem(sandbox_id=sandbox_id, job_id=r.job_id,
-                              completed=r.finished_at is not None, exit_code=r.exit_code)
-            for r in self.shared.store.jobs.of(sandbox_id)
+                              completed=exits.get(r.job_id) is not None,
+                              exit_code=exits.get(r.job_id))
+            for r in records
         ])  # fmt: skip
 
     async def _run(
@@ -71,10 +89,12 @@ class Jobs:
         except Exception as exc:  # its sandbox ended under it, say: never
             # may a job's failure end the server's task group (and the server)
             log.warning("background job %s of sandbox %s: %r", key[1], key[0], exc)
-            code = -1
-        finally:  # cancelled (the server stopping): not recorded, the job may run on
+            code = LOST
+        except BaseException:  # cancelled (the server stopping): not recorded, it may run on
             self.running.discard(key)
-        self.shared.store.jobs.finish(*key, code)
+            raise
+        self.shared.store.jobs.finish(*key, code)  # first: never seen unrecorded and unrun
+        self.running.discard(key)
 
     async def statuses(self, jobs: Sequence[api.JobRef]) -> api.BatchJobStatusResponse:
         """Jobs' states: from the server's records, else from their exit files (one read
@@ -90,9 +110,12 @@ class Jobs:
                 handle = await self.data.live(sandbox_id)
                 known = {r.job_id: r for r in self.shared.store.jobs.of(sandbox_id)}
                 exits = {i: known[i].exit_code for i in ids if i in known}
-                unknown = [i for i in ids if exits.get(i) is None
-                           and (sandbox_id, i) not in self.running]  # fmt: skip
-                exits |= await self._exit_codes(handle, unknown) if unknown else {}
+                exits |= await self._exit_codes(
+                    sandbox_id,
+                    handle,
+                    [i for i in ids if exits.get(i) is None],
+                    recorded=set(known),
+                )
             except (NotFound, NotRunning) as exc:
                 code: Literal["NOT_FOUND", "NOT_RUNNING"] = (
                     "NOT_FOUND" if isinstance(exc, NotFound) else "NOT_RUNNING"
@@ -111,7 +134,26 @@ class Jobs:
                 group.start_soon(one, sandbox_id, list(dict.fromkeys(ids)))
         return api.BatchJobStatusResponse(statuses=statuses, errors=errors)
 
-    async def _exit_codes(self, handle: Handle, job_ids: list[str]) -> dict[str, int | None]:
+    async def _exit_codes(
+        self, sandbox_id: str, handle: Handle, job_ids: list[str], *, recorded: set[str]
+    ) -> dict[str, int | None]:
+        """The exit codes of jobs that have none recorded and no runner here: from their
+        exit files; a `recorded` one (a runner of a server gone) that no process runs any
+        more gets its code, or LOST, recorded."""
+        job_ids = [i for i in job_ids if (sandbox_id, i) not in self.running]
+        if not job_ids:
+            return {}
+        runtime = self.shared.runtime
+        ended = [i for i in job_ids if i in recorded and not await anyio.to_thread.run_sync(
+            runtime.runs_with, handle, f"{MARK}={i}")]  # fmt: skip
+        codes = await self._exit_files(handle, job_ids)  # after: an ended job's file is there
+        for job_id in ended:
+            code = codes.get(job_id)
+            codes[job_id] = code = LOST if code is None else code
+            self.shared.store.jobs.finish(sandbox_id, job_id, code)
+        return codes
+
+    async def _exit_files(self, handle: Handle, job_ids: list[str]) -> dict[str, int | None]:
         """The exit code each job left in its exit file, if it did (ids are checked by the
         API model: letters, digits, - and _)."""
         script = "".join(

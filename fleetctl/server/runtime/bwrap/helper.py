@@ -43,12 +43,14 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class Request:
-    """A parsed request: ids, argv and environment of the command to start."""
+    """A parsed request: ids, argv and environment of the command to start, and whether
+    it is left running when the server hangs up (`detached`: a job)."""
 
     def __init__(self, data: bytes) -> None:
         header, _, rest = data.partition(b"\n")
-        uid, gid, groups, argc = header.split(b" ")
+        uid, gid, groups, argc, detached = header.split(b" ")
         self.uid, self.gid, count = int(uid), int(gid), int(argc)
+        self.detached = detached == b"1"
         self.groups = [int(g) for g in groups.split(b",") if g]
         items = rest.split(b"\0")[:-1]
         self.argv = items[:count]
@@ -57,12 +59,20 @@ class Request:
             raise ValueError("no command")
 
 
-def encode(uid: int, gid: int, groups: list[int], argv: list[str], env: dict[str, str]) -> bytes:
+def encode(
+    uid: int,
+    gid: int,
+    groups: list[int],
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    detached: bool = False,
+) -> bytes:
     """A request, as the server sends it (ValueError when a string holds a NUL)."""
     items = [*argv, *(f"{k}={v}" for k, v in env.items())]
     if any("\0" in item for item in items):
         raise ValueError("a NUL in the command or its environment")
-    header = f"{uid} {gid} {','.join(map(str, groups))} {len(argv)}\n"
+    header = f"{uid} {gid} {','.join(map(str, groups))} {len(argv)} {int(detached)}\n"
     return (header + "".join(f"{item}\0" for item in items)).encode()
 
 
@@ -124,7 +134,7 @@ def serve(control: socket.socket, idle_s: float) -> None:
     """Every descriptor here is close-on-exec: a command gets only its own three. The
     server hanging up a command's reply socket (a timeout, a cancelled request) kills
     the command's process group here, before it is reaped (so never a reused pid's),
-    unless it said `detach` first (a job left running)."""
+    unless the request was `detached` (a job left running whatever the server does)."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -136,13 +146,9 @@ def serve(control: socket.socket, idle_s: float) -> None:
         readable, _, _ = select.select(listen, [], [], idle_s)
         if not readable and not running:
             return
-        for fd in [f for f in readable if f in watched]:
-            pid = watched.pop(fd)
+        for fd in [f for f in readable if f in watched]:  # hung up
             with contextlib.suppress(OSError):
-                if running[pid].recv(16) == b"detach":
-                    continue
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(watched.pop(fd), signal.SIGKILL)
         if wake_r in readable:
             os.read(wake_r, 4096)
             while running:
@@ -171,13 +177,15 @@ def handle(
         answer = socket.socket(fileno=fds[3])
         answer.setblocking(False)
         try:
-            pid = start(Request(data), fds)
+            request = Request(data)
+            pid = start(request, fds)
         except (ValueError, OSError) as exc:
             reply(answer, f"error {exc}")
             answer.close()
         else:
             running[pid] = answer
-            watched[answer.fileno()] = pid
+            if not request.detached:
+                watched[answer.fileno()] = pid
             reply(answer, f"pid {pid}")
     for fd in fds[:3] if len(fds) == 4 else fds:
         os.close(fd)

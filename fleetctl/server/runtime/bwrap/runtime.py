@@ -50,6 +50,7 @@ from fleetctl.server.runtime.bwrap.handle import (
     abandon,
     exit_code,
     kill_pid,
+    runs_with,
     send_signal,
     start_time,
     tree_bytes,
@@ -269,9 +270,11 @@ class BwrapRuntime:
         found = SandboxHandle.from_json(handle)
         alive = self._alive(found)
         oom_kills = found.cgroup.oom_kills() if found.cgroup else 0
-        return Usage(
-            alive, oom_kills, None if alive else exit_code(self.meta / found.id / "status.json")
-        )
+        code = None if alive else exit_code(self.meta / found.id / "status.json")
+        return Usage(alive, oom_kills, code)
+
+    def runs_with(self, handle: Handle, env_entry: str) -> bool:
+        return runs_with(SandboxHandle.from_json(handle).init_pid, env_entry.encode())
 
     def _alive(self, handle: SandboxHandle) -> bool:
         """True while the sandbox's init process (pid 1 inside) is the one we started."""

@@ -90,18 +90,18 @@ class WarmPath:
         detached: bool = False,
     ) -> ExecResult:
         """Run `command` as the cold path would; `Unavailable` when it was not started.
-        `detached`: cancelled, the command is left running (not killed)."""
+        `detached` (a job): left running whatever becomes of the server from here on."""
         argv = ["sh", "-c", IN_DIR, "sh", cwd, command]
         try:
             request = helper.encode(user.uid, user.gid, list(user.groups), argv,
-                                    sandbox_env(env, user))  # fmt: skip
+                                    sandbox_env(env, user), detached=detached)  # fmt: skip
         except ValueError:
             raise Unavailable("a NUL in the request") from None
         if len(request) > helper.MAX_REQUEST:
             raise Unavailable("the request is larger than a helper takes")
         found = self._helper(*sandbox)
         try:
-            return await _run(found, request, timeout, detached)
+            return await _run(found, request, timeout)
         except Unavailable:
             if found.process.poll() is not None and self.helpers.get(sandbox[0]) is found:
                 self.drop(sandbox[0])
@@ -160,7 +160,7 @@ def _start(init_pid: int, cgroup: Cgroup | None) -> Helper:
     return Helper(process, control, pidns)
 
 
-async def _run(found: Helper, request: bytes, timeout: float, detached: bool) -> ExecResult:
+async def _run(found: Helper, request: bytes, timeout: float) -> ExecResult:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     stdin = os.open(os.devnull, os.O_RDONLY)
@@ -202,11 +202,6 @@ async def _run(found: Helper, request: bytes, timeout: float, detached: bool) ->
                 raise CommandLost("the exec helper gave no exit code")
             return out.result(err, int(code))
         return out.result(err, -1, timed_out=True)
-    except anyio.get_cancelled_exc_class():
-        if detached:  # the helper leaves it running when it closes its socket
-            with contextlib.suppress(OSError):
-                mine.send(b"detach")
-        raise
     finally:
         # its socket closed: the helper kills the command's process group if it still
         # runs (a timeout, a cancelled request), before reaping it
