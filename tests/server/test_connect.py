@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from fleetctl.proto import command_session_pb2 as pb
 from fleetctl.server.service.processes import MAX_PER_SANDBOX
 from tests.conftest import Gateway, Running, Server, needs_sandboxes
+from tests.server.test_warm_exec import helper_of
 
 pytestmark = needs_sandboxes
 SERVICE = "command_session.CommandSession"
@@ -312,3 +313,48 @@ async def attach_many(gw: Gateway, session: str, count: int, go: str) -> list[tu
                 await attached.wait()
             await anyio.to_thread.run_sync(lambda: gw.exec(f"touch {go}"))
     return results
+
+
+def test_live_processes_run_warm_once_the_helper_runs_and_as_they_ran_cold(
+    server: Server, running: Running
+) -> None:
+    """A sandbox's first command goes down the cold path; once its exec helper runs, a
+    Start is one message to it. Input, signals, pid and the end are the same either way;
+    only a warm command leads a session of its own inside."""
+    script = ('echo $$ $(cut -d" " -f6 /proc/self/stat); read line; echo "got $line"; '
+              "touch /tmp/read; exec sleep 300")  # fmt: skip
+    _, cold_gw = running()
+    _, warm_gw = running()
+    helper_of(server, warm_gw)
+    seen = [signalled(gw, script) for gw in (cold_gw, warm_gw)]
+    for (pid, _), listed_pid, said, end in seen:
+        assert (pid, said) == (listed_pid, "got x")
+        assert (end.exit_code, end.exited, end.status) == (143, True, "exit")  # 128 + SIGTERM
+    assert [pid == session for (pid, session), *_ in seen] == [False, True]
+
+
+def signalled(
+    gw: Gateway, script: str
+) -> tuple[tuple[int, int], int, str, pb.CommandSessionEvent.EndEvent]:
+    """Start `script` with stdin, write it a line, SIGTERM it: (its pid and session as it
+    said, its pid in List, what it said then, its end)."""
+    session = str(uuid.uuid4())
+    opened: dict[str, httpx.Response] = {}
+    reader = threading.Thread(target=lambda: opened.update(first=call(gw, "Start", start_request(
+        script, stdin=True, session_uuid=session))))  # fmt: skip
+    reader.start()
+    listed = poll_sessions(gw, session)
+    by_uuid = pb.CommandSessionSelector(session_uuid=session)
+    line = pb.SendInputRequest(session=by_uuid, input=pb.CommandInput(stdin=b"x\n"))
+    assert call(gw, "SendInput", line, stream=False).status_code == 200
+    deadline = time.monotonic() + 30
+    while gw.exec("ls /tmp").json()["stdout"] != "read\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    term = pb.SendSignalRequest(session=by_uuid, signal=pb.SIGNAL_SIGTERM)
+    assert call(gw, "SendSignal", term, stream=False).status_code == 200
+    reader.join(timeout=30)
+    events, _ = parse(opened["first"].content)
+    said = output(events).decode().splitlines()
+    pid, session_id = map(int, said[0].split())
+    return (pid, session_id), listed.pid, said[1], events[-1].end

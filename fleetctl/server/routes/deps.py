@@ -17,7 +17,7 @@ class Unauthorized(Exception):
     """A missing, wrong or expired key or token."""
 
 
-def _service(request: Request) -> SandboxService:
+async def _service(request: Request) -> SandboxService:
     service: SandboxService = request.app.state.service
     return service
 
@@ -25,7 +25,7 @@ def _service(request: Request) -> SandboxService:
 Service = Annotated[SandboxService, Depends(_service)]
 
 
-def api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+async def api_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """The control plane takes any of the server's API keys as a bearer token."""
     scheme, _, key = (authorization or "").partition(" ")
     keys: tuple[str, ...] = request.app.state.api_keys
@@ -34,7 +34,7 @@ def api_key(request: Request, authorization: Annotated[str | None, Header()] = N
         raise Unauthorized("invalid or missing API key")
 
 
-def gateway_token(
+async def gateway_token(
     service: Service,
     user_ns: str,
     job_id: str,

@@ -38,7 +38,6 @@ from fleetctl.server.service.state import (
     NotRunning,
     Refused,
     Shared,
-    handle_of,
 )
 from fleetctl.server.service.users import MAX_FILE, UnknownUser
 from fleetctl.server.service.users import resolve as resolve_user
@@ -132,15 +131,19 @@ class DataPlane:
     async def live(self, sandbox_id: str) -> Handle:
         """The handle of a sandbox that is RUNNING and really alive: one whose main process
         just ended is ended now (NotRunning), not served until the monitor's next pass."""
+        return (await self.running(sandbox_id))[1]
+
+    async def running(self, sandbox_id: str) -> tuple[SandboxRecord, Handle]:
+        """`live`, with the sandbox's record (read once)."""
         record, handle = self.lifecycle.running(sandbox_id)
         if await self.monitor.check(record, handle):
             raise NotRunning(self.lifecycle.get(sandbox_id))
         self.touch(sandbox_id)
-        return handle
+        return record, handle
 
     async def exec(self, sandbox_id: str, request: api.ExecRequest) -> ExecResult:
-        handle = await self.live(sandbox_id)
-        user = await self.user(sandbox_id, handle, request.user)
+        record, handle = await self.running(sandbox_id)
+        user = await self.user(record, handle, request.user)
         env = {**self.shared.env.get(sandbox_id, {}), **request.env}
         with self.in_use(sandbox_id):
             try:
@@ -148,21 +151,21 @@ class DataPlane:
                     handle,
                     env,
                     request.command,
-                    cwd=request.working_dir or workdir(self.lifecycle.get(sandbox_id)),
+                    cwd=request.working_dir or workdir(record),
                     timeout=request.timeout,
                     user=user,
                 )
             except CommandLost as exc:
                 raise Failed(str(exc)) from None
-        if await self.settle(sandbox_id):
+        if await self.settle(sandbox_id, handle):
             raise NotRunning(self.lifecycle.get(sandbox_id))
         return result
 
-    async def user(self, sandbox_id: str, handle: Handle, asked: str | None) -> User:
+    async def user(self, record: SandboxRecord, handle: Handle, asked: str | None) -> User:
         """Whom a command runs as: `asked` (a name or id, optionally with :group, resolved
         in the sandbox's own passwd and group files as they are now), else the image's."""
         if asked is None:
-            return default_user(self.lifecycle.get(sandbox_id))
+            return default_user(record)
         if asked in ROOT_USERS:
             return ROOT
         passwd, group = [await self._etc(handle, name) for name in ("passwd", "group")]
@@ -178,13 +181,14 @@ class DataPlane:
             return ""
         return found.content.decode("utf-8", "replace")
 
-    async def settle(self, sandbox_id: str) -> bool:
+    async def settle(self, sandbox_id: str, handle: Handle) -> bool:
         """After a command ended: an OOM kill ends the sandbox (True), and the command's
         caller sees it not running (a command that ended the main process ran, though: its
         result stands, and the monitor ends the sandbox)."""
+        if not self.shared.runtime.usage(handle).oom_kills:  # none: nothing to end it for
+            return False
         record = self.lifecycle.get(sandbox_id)
-        handle = handle_of(record)
-        if record.status != SandboxStatus.RUNNING or handle is None:  # the monitor was first
+        if record.status != SandboxStatus.RUNNING:  # the monitor was first
             return record.error_type == ErrorType.OOM_KILLED
         return await self.monitor.check(record, handle, oom_only=True)
 

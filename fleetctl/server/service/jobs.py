@@ -50,9 +50,8 @@ class Jobs:
         self._group = group
 
     async def start(self, sandbox_id: str, request: api.StartJob) -> api.JobStarted:
-        handle = await self.data.live(sandbox_id)
-        record = self.data.lifecycle.get(sandbox_id)
-        user = await self.data.user(sandbox_id, handle, None)
+        record, handle = await self.data.running(sandbox_id)
+        user = await self.data.user(record, handle, None)
         started = self.shared.store.jobs.claim(sandbox_id, request.job_id)
         if started:
             assert self._group is not None, "Jobs.run was not called"

@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import ByteReceiveStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from fleetctl.server.runtime.base import RuntimeFailure, Spawned
+from fleetctl.server.runtime.base import Handle, RuntimeFailure, Spawned
 from fleetctl.server.service.dataplane import DataPlane, workdir
 from fleetctl.server.service.lifecycle import Lifecycle
 from fleetctl.server.service.state import NotFound, Refused, Shared
@@ -180,7 +180,7 @@ class Processes:
         it); its events come through the reader. Raises NotFound/NotRunning, Conflict or
         Refused. Every process runs in the service's task group; one without a uuid is
         stopped when its reader closes."""
-        handle = await self.data.live(sandbox_id)
+        record, handle = await self.data.running(sandbox_id)
         processes = self._by_sandbox.setdefault(sandbox_id, {})
         self._forget_ended(processes)
         known = processes.get(session_uuid) if session_uuid else None
@@ -190,18 +190,18 @@ class Processes:
             return self._subscribe(known, owner=False)
         if sum(1 for p in processes.values() if p.ended is None) >= MAX_PER_SANDBOX:
             raise Crowded(f"sandbox {sandbox_id} already runs {MAX_PER_SANDBOX} processes")
-        user = await self.data.user(sandbox_id, handle, command.user)
+        user = await self.data.user(record, handle, command.user)
         process = Process(sandbox_id, session_uuid or uuid.uuid4().hex, command, session_uuid)
         processes[process.key] = process
         env = {**self.shared.env.get(sandbox_id, {}), **command.env}  # the sandbox's, then its own
-        cwd = command.cwd or workdir(self.lifecycle.get(sandbox_id))
+        cwd = command.cwd or workdir(record)
         spawn = self.shared.runtime.spawn(
             handle, env, command.argv, cwd=cwd, stdin=stdin, user=user
         )
         reader = self._subscribe(process, owner=session_uuid is None)  # before any output
         assert self._group is not None, "processes not started"
         try:
-            await self._group.start(self._run, process, spawn)
+            await self._group.start(self._run, process, spawn, handle)
         except BaseException:  # cancelled while starting: its owner is gone, so is it
             reader.close()
             raise
@@ -215,6 +215,7 @@ class Processes:
         self,
         process: Process,
         spawn: contextlib.AbstractAsyncContextManager[Spawned],
+        handle: Handle,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -232,7 +233,7 @@ class Processes:
                         pumps.start_soon(self._pump, process, spawned.stderr, "stderr")
                     code = await spawned.wait()
                 # an OOM kill ends the sandbox: its streams then end with Gone, not the end
-                await self.data.settle(process.sandbox_id)
+                await self.data.settle(process.sandbox_id, handle)
             except (OSError, RuntimeFailure, anyio.BrokenResourceError) as exc:
                 log.warning("process in sandbox %s failed: %s", process.sandbox_id, exc)
             finally:

@@ -43,6 +43,8 @@ HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 MAX_CAPTURE = 16 * 1024 * 1024
 #: Runs a command ("$2") in its directory ("$1"), the cold path and the warm alike.
 IN_DIR = 'cd -- "$1" || exit 1; shift; eval "$1"'
+#: Says its pid (inside) on stdout's first line, then runs argv ("$2"...) in "$1" as itself.
+SPAWN_IN_DIR = 'printf "%s\\n" "$$"; cd -- "$1" || exit 1; shift; exec "$@"'
 #: Exit code of the transfer scripts for a file that does not exist.
 MISSING_FILE = 44
 #: File transfers resolve relative paths where exec runs by default.
@@ -121,14 +123,14 @@ class Entry:
 
         The shell inside loads the environment, says its pid on the first line of stdout,
         changes directory and execs `argv`, so the pid is the command's own."""
-        script = f'{LOAD_ENV}; printf "%s\\n" "$$"; cd -- "$1" || exit 1; shift; exec "$@"'
+        script = f"{LOAD_ENV}; {SPAWN_IN_DIR}"
         async with self.enter(script, cwd, *argv, user=user) as process:
             assert process.stdin is not None
             assert process.stdout is not None
             await process.stdin.send(env_lines(sandbox_env(env, user)))
             if not stdin:
                 await process.stdin.aclose()
-            said = await _read_line(process.stdout)
+            said = await read_line(process.stdout)
             pid = int(said) if said.strip().isdigit() else 0
             yield Started(process, pid)
 
@@ -156,7 +158,7 @@ class Entry:
         script = f'{WORKDIR} [ -f "$1" ] || exit {MISSING_FILE}; wc -c < "$1"; exec cat -- "$1"'
         async with self.enter(script, path) as process:
             assert process.stdout is not None
-            header = await _read_line(process.stdout)
+            header = await read_line(process.stdout)
             if not header.strip().isdigit():
                 await process.wait()
                 raise FileMissing(path)
@@ -290,7 +292,7 @@ def _first_line(data: bytes) -> str:
     return data.decode("utf-8", "replace").strip().splitlines()[0] if data.strip() else "failed"
 
 
-async def _read_line(stream: ByteReceiveStream) -> bytes:
+async def read_line(stream: ByteReceiveStream) -> bytes:
     """Read one short header line byte by byte, leaving the rest of the stream unread."""
     line = bytearray()
     with contextlib.suppress(anyio.EndOfStream):

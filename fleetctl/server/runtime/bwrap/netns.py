@@ -102,7 +102,8 @@ class Spare(NamedTuple):
 
 class Spares:
     """Namespaces made ahead (by `make`, given a preferred slot), so that a sandbox's start
-    only names one and gives it rules. They have no name: the kernel removes them, with
+    only names one and gives it rules; made from the first take on (a server that starts
+    no networked sandbox makes none). They have no name: the kernel removes them, with
     their links, when the server exits however it exits, so a crash leaves nothing."""
 
     def __init__(self, make: Callable[[int], Spare], keep: int) -> None:
@@ -112,7 +113,6 @@ class Spares:
         self._filling = self._closed = False
         self._filler = futures.ThreadPoolExecutor(1, thread_name_prefix="netns-spares")
         self._seq = itertools.count(os.getpid())
-        self._fill_soon()
 
     def take(self, seq: int) -> Spare:
         """A spare, or one made now (on this worker thread) when none is ready."""

@@ -179,25 +179,12 @@ class BwrapRuntime:
         user = spec.image.user if spec.image else ROOT
         groups = ",".join(str(uid + g) for g in user.groups)
         argv = [
-            *enter,
-            self.host_tool("setpriv"),
-            f"--reuid={uid + user.uid}",
-            f"--regid={uid + user.gid}",
-            f"--groups={groups}" if groups else "--clear-groups",
-            self.bwrap,
-            "--userns-block-fd",
-            str(block_r),
-            "--args",
-            str(args_r),
-            "--info-fd",
-            str(info_w),
-            "--json-status-fd",
-            str(status),
-            "/bin/sh",
-            "-c",
-            script,
-            command,
-        ]
+            *enter, self.host_tool("setpriv"), f"--reuid={uid + user.uid}",
+            f"--regid={uid + user.gid}", f"--groups={groups}" if groups else "--clear-groups",
+            self.bwrap, "--userns-block-fd", str(block_r), "--args", str(args_r),
+            "--info-fd", str(info_w), "--json-status-fd", str(status),
+            "/bin/sh", "-c", script, command,
+        ]  # fmt: skip
         child: Child | None = None
         try:
             with os.fdopen(args_w, "wb") as pairs:
@@ -429,9 +416,14 @@ class BwrapRuntime:
         stdin: bool,
         user: User = ROOT,
     ) -> AsyncIterator[Spawned]:
-        entry = self._entry(handle)
-        async with entry.spawn(env, argv, cwd=cwd, stdin=stdin, user=user) as process:
-            yield process
+        found = SandboxHandle.from_json(handle)
+        with contextlib.suppress(Unavailable):  # raised only before it is entered
+            async with self.warm.spawn((found.id, found.init_pid, found.cgroup), env, argv,
+                                       cwd=cwd, stdin=stdin, user=user) as process:  # fmt: skip
+                yield process
+                return
+        async with self._entry(handle).spawn(env, argv, cwd=cwd, stdin=stdin, user=user) as cold:
+            yield cold
 
     async def put_file(self, handle: Handle, path: str, chunks: AsyncIterable[bytes]) -> int:
         return await self._entry(handle).put_file(path, chunks)

@@ -10,6 +10,9 @@ request: output never goes through the helper, and what the helper says back (a 
 an exit code) is checked before use; the helper, the command's parent, kills it when
 the server hangs up on it (a timeout, a cancelled request), so never a reused pid.
 
+Live processes (the Connect protocol's, with stdin and signals) start the same way
+(`spawn`), their output streamed as it comes.
+
 A helper that cannot start, dies or answers nonsense costs only its own sandbox's
 command: one the helper never started goes down the cold path (`Unavailable`), one it
 lost while running is killed and reported (`CommandLost`). A helper ends with its
@@ -26,15 +29,23 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+from anyio.abc import ByteReceiveStream, ByteSendStream
 
-from fleetctl.server.runtime.base import CommandLost, ExecResult, User
+from fleetctl.server.runtime.base import CommandLost, ExecResult, Spawned, User
 from fleetctl.server.runtime.bwrap import helper
 from fleetctl.server.runtime.bwrap.cgroups import Cgroup
-from fleetctl.server.runtime.bwrap.inside import HOST_ENV, IN_DIR, Capture, sandbox_env
+from fleetctl.server.runtime.bwrap.inside import (
+    HOST_ENV,
+    IN_DIR,
+    SPAWN_IN_DIR,
+    Capture,
+    read_line,
+    sandbox_env,
+)
 from fleetctl.server.runtime.bwrap.layout import CONTAINER_CAPS
 
 KEEP_CAPS = ",".join(map(str, CONTAINER_CAPS.values()))
@@ -91,21 +102,58 @@ class WarmPath:
     ) -> ExecResult:
         """Run `command` as the cold path would; `Unavailable` when it was not started.
         `detached` (a job): left running whatever becomes of the server from here on."""
-        argv = ["sh", "-c", IN_DIR, "sh", cwd, command]
-        try:
-            request = helper.encode(user.uid, user.gid, list(user.groups), argv,
-                                    sandbox_env(env, user), detached=detached)  # fmt: skip
-        except ValueError:
-            raise Unavailable("a NUL in the request") from None
-        if len(request) > helper.MAX_REQUEST:
-            raise Unavailable("the request is larger than a helper takes")
+        request = _request(["sh", "-c", IN_DIR, "sh", cwd, command], env, user, detached)
         found = self._helper(*sandbox)
         try:
             return await _run(found, request, timeout)
         except Unavailable:
-            if found.process.poll() is not None and self.helpers.get(sandbox[0]) is found:
-                self.drop(sandbox[0])
+            self._gone(sandbox[0], found)
             raise
+
+    @contextlib.asynccontextmanager
+    async def spawn(
+        self,
+        sandbox: tuple[str, int, Cgroup | None],
+        env: Mapping[str, str],
+        argv: Sequence[str],
+        *,
+        cwd: str,
+        stdin: bool,
+        user: User,
+    ) -> AsyncIterator[Spawned]:
+        """Start `argv` in `cwd` as the cold path's `Entry.spawn` would (its pid inside on
+        the first line of its stdout, read here), its stdio on pipes of the server's;
+        `Unavailable` (before it is entered) when it was not started. Left before the
+        command ended, the helper kills its process group."""
+        request = _request(["sh", "-c", SPAWN_IN_DIR, "sh", cwd, *argv], env, user, False)
+        found = self._helper(*sandbox)
+        in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), -1)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        streams = (PipeWriter(in_w) if in_w >= 0 else None, PipeReader(out_r),
+                   PipeReader(err_r))  # fmt: skip
+        try:
+            answers = _send(found, request, (in_r, out_w, err_w))
+        except Unavailable:
+            await _close(*streams)
+            self._gone(sandbox[0], found)
+            raise
+        try:
+            kind, value = await _answer(answers, lost=True)
+            if kind == "error":  # it could not start it (e.g. no /bin/sh)
+                raise Unavailable(f"the exec helper did not start the command: {value}"[:300])
+            if kind != "pid" or not value.isdigit():
+                raise CommandLost("the exec helper gave no pid")
+            said = await read_line(streams[1])
+            pid = int(said) if said.strip().isdigit() else 0
+            yield WarmProcess((int(value), pid, found.pidns), streams, answers)
+        finally:
+            await _close(*streams)
+            answers.close()
+
+    def _gone(self, sandbox_id: str, found: Helper) -> None:
+        if found.process.poll() is not None and self.helpers.get(sandbox_id) is found:
+            self.drop(sandbox_id)
 
     def drop(self, sandbox_id: str) -> None:
         """End the sandbox's helper (its commands run on: they are the sandbox's)."""
@@ -160,23 +208,43 @@ def _start(init_pid: int, cgroup: Cgroup | None) -> Helper:
     return Helper(process, control, pidns)
 
 
-async def _run(found: Helper, request: bytes, timeout: float) -> ExecResult:
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    stdin = os.open(os.devnull, os.O_RDONLY)
+def _request(argv: list[str], env: Mapping[str, str], user: User, detached: bool) -> bytes:
+    try:
+        request = helper.encode(user.uid, user.gid, list(user.groups), argv,
+                                sandbox_env(env, user), detached=detached)  # fmt: skip
+    except ValueError:
+        raise Unavailable("a NUL in the request") from None
+    if len(request) > helper.MAX_REQUEST:
+        raise Unavailable("the request is larger than a helper takes")
+    return request
+
+
+def _send(found: Helper, request: bytes, stdio: tuple[int, int, int]) -> socket.socket:
+    """Hand the request and the command's stdio (closed here) to the helper: the socket
+    its answers come on."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        socket.send_fds(found.control, [request], [stdin, out_w, err_w, theirs.fileno()])
+        socket.send_fds(found.control, [request], [*stdio, theirs.fileno()])
     except OSError:
-        for fd in (out_r, err_r):
-            os.close(fd)
         mine.close()
         raise Unavailable("the exec helper is gone") from None
     finally:
-        for fd in (stdin, out_w, err_w):
+        for fd in stdio:
             os.close(fd)
         theirs.close()
     mine.setblocking(False)
+    return mine
+
+
+async def _run(found: Helper, request: bytes, timeout: float) -> ExecResult:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        mine = _send(found, request, (os.open(os.devnull, os.O_RDONLY), out_w, err_w))
+    except Unavailable:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
     out, err = Capture(), Capture()
     try:
         with anyio.move_on_after(timeout):
@@ -252,3 +320,95 @@ async def _drain(fd: int, into: Capture) -> None:
         if not chunk:
             return
         into.take(chunk)
+
+
+class PipeReader(ByteReceiveStream):
+    """The server's end of a command's stdout or stderr pipe, read on the event loop."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while self._fd >= 0:
+            try:
+                chunk = os.read(self._fd, max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self._fd)
+                continue
+            if not chunk:
+                raise anyio.EndOfStream
+            return chunk
+        raise anyio.ClosedResourceError
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class PipeWriter(ByteSendStream):
+    """The server's end of a command's stdin pipe."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        while view:
+            if self._fd < 0:
+                raise anyio.ClosedResourceError
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self._fd)
+            except BrokenPipeError:  # it closed its stdin, or ended
+                raise anyio.BrokenResourceError from None
+
+    async def aclose(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+async def _close(*streams: PipeReader | PipeWriter | None) -> None:
+    for stream in streams:
+        if stream is not None:
+            await stream.aclose()
+
+
+class WarmProcess:
+    """A process the helper started (implements `runtime.base.Spawned`): its exit code
+    comes on the helper's answer socket."""
+
+    def __init__(
+        self,
+        pids: tuple[int, int, str],
+        streams: tuple[PipeWriter | None, PipeReader, PipeReader],
+        answers: socket.socket,
+    ) -> None:
+        """`pids`: its pid on the host and inside, and the sandbox's pid namespace."""
+        (self._host_pid, self.pid, self._pidns), self._answers = pids, answers
+        self.stdin, self.stdout, self.stderr = streams
+        self._code: int | None = None
+
+    async def wait(self) -> int:
+        if self._code is None:
+            try:
+                kind, value = await _answer(self._answers, lost=True)
+            except CommandLost:  # the helper died: its command goes here
+                _kill_orphan(self._host_pid, self._pidns)
+                raise
+            if kind != "code" or not _integer(value):
+                raise CommandLost("the exec helper gave no exit code")
+            code = int(value)
+            self._code = code if code >= 0 else 128 - code
+        return self._code
+
+    def signal(self, number: int) -> None:
+        """Until its end is known (the helper reaps it only after saying so, and the
+        server reads that first), its pid is still its own."""
+        if self._code is None:
+            with contextlib.suppress(OSError):
+                os.kill(self._host_pid, number)
