@@ -139,14 +139,12 @@ class WarmPath:
             self._gone(sandbox[0], found)
             raise
         try:
-            kind, value = await _answer(answers, lost=True)
-            if kind == "error":  # it could not start it (e.g. no /bin/sh)
-                raise Unavailable(f"the exec helper did not start the command: {value}"[:300])
-            if kind != "pid" or not value.isdigit():
+            host_pid = await _started(answers)
+            if not host_pid:
                 raise CommandLost("the exec helper gave no pid")
             said = await read_line(streams[1])
             pid = int(said) if said.strip().isdigit() else 0
-            yield WarmProcess((int(value), pid, found.pidns), streams, answers)
+            yield WarmProcess((host_pid, pid, found.pidns), streams, answers)
         finally:
             await _close(*streams)
             answers.close()
@@ -239,43 +237,57 @@ def _send(found: Helper, request: bytes, stdio: tuple[int, int, int]) -> socket.
 async def _run(found: Helper, request: bytes, timeout: float) -> ExecResult:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    streams = (PipeReader(out_r), PipeReader(err_r))
     try:
         mine = _send(found, request, (os.open(os.devnull, os.O_RDONLY), out_w, err_w))
     except Unavailable:
-        for fd in (out_r, err_r):
-            os.close(fd)
+        await _close(*streams)
         raise
     out, err = Capture(), Capture()
     try:
         with anyio.move_on_after(timeout):
             # the helper's end from here on: the command may have started (never rerun)
-            kind, value = await _answer(mine, lost=True)
-            if kind == "error":  # it could not start it (e.g. no /bin/sh)
-                raise Unavailable(f"the exec helper did not start the command: {value}"[:300])
-            pid = int(value) if kind == "pid" and value.isdigit() else 0
+            pid = await _started(mine)
             lost: CommandLost | None = None
             async with anyio.create_task_group() as group:
-                group.start_soon(_drain, out_r, out)
-                group.start_soon(_drain, err_r, err)
+                group.start_soon(_drain, streams[0], out)
+                group.start_soon(_drain, streams[1], err)
                 try:
-                    said = await _answer(mine, lost=True)
+                    code = await _ended(mine, pid, found.pidns)
                 except CommandLost as exc:  # raised here, not as a group of one
                     lost = exc
                     group.cancel_scope.cancel()
-            if lost is not None:  # the helper died: its command goes here
-                _kill_orphan(pid, found.pidns)
+            if lost is not None:
                 raise lost
-            kind, code = said
-            if kind != "code" or not _integer(code):
-                raise CommandLost("the exec helper gave no exit code")
-            return out.result(err, int(code))
+            return out.result(err, code)
         return out.result(err, -1, timed_out=True)
     finally:
         # its socket closed: the helper kills the command's process group if it still
         # runs (a timeout, a cancelled request), before reaping it
-        for fd in (out_r, err_r):
-            os.close(fd)
+        await _close(*streams)
         mine.close()
+
+
+async def _started(sock: socket.socket) -> int:
+    """The helper's first answer: the pid it started the command as (0 when it said
+    something else); `Unavailable` when it could not start it (e.g. no /bin/sh)."""
+    kind, value = await _answer(sock, lost=True)
+    if kind == "error":
+        raise Unavailable(f"the exec helper did not start the command: {value}"[:300])
+    return int(value) if kind == "pid" and value.isdigit() else 0
+
+
+async def _ended(sock: socket.socket, pid: int, pidns: str) -> int:
+    """The command's exit code, as the helper says it (waitstatus: negative for a signal).
+    A helper that died first: the command (`pid` on the host) is killed here."""
+    try:
+        kind, value = await _answer(sock, lost=True)
+    except CommandLost:
+        _kill_orphan(pid, pidns)
+        raise
+    if kind != "code" or not value.removeprefix("-").isdigit():
+        raise CommandLost("the exec helper gave no exit code")
+    return int(value)
 
 
 def _kill_orphan(pid: int, pidns: str) -> None:
@@ -284,10 +296,6 @@ def _kill_orphan(pid: int, pidns: str) -> None:
     with contextlib.suppress(OSError):
         if pid > 1 and os.readlink(f"/proc/{pid}/ns/pid") == pidns:
             os.killpg(pid, signal.SIGKILL)
-
-
-def _integer(text: str) -> bool:
-    return text.removeprefix("-").isdigit()
 
 
 async def _answer(sock: socket.socket, *, lost: bool = False) -> tuple[str, str]:
@@ -309,16 +317,8 @@ async def _answer(sock: socket.socket, *, lost: bool = False) -> tuple[str, str]
         return kind, value
 
 
-async def _drain(fd: int, into: Capture) -> None:
-    os.set_blocking(fd, False)
-    while True:
-        await anyio.wait_readable(fd)
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            return
+async def _drain(stream: PipeReader, into: Capture) -> None:
+    async for chunk in stream:
         into.take(chunk)
 
 
@@ -395,14 +395,7 @@ class WarmProcess:
 
     async def wait(self) -> int:
         if self._code is None:
-            try:
-                kind, value = await _answer(self._answers, lost=True)
-            except CommandLost:  # the helper died: its command goes here
-                _kill_orphan(self._host_pid, self._pidns)
-                raise
-            if kind != "code" or not _integer(value):
-                raise CommandLost("the exec helper gave no exit code")
-            code = int(value)
+            code = await _ended(self._answers, self._host_pid, self._pidns)
             self._code = code if code >= 0 else 128 - code
         return self._code
 
